@@ -1,0 +1,171 @@
+"""Offline datasets: building, caching, loading, validating, and score normalisation.
+
+On disk a dataset uses D4RL's layout (so real D4RL files load the same way): a
+single-agent view with `observations` (the global state), `actions` (the joint action),
+`rewards`, `terminals`, `timeouts` and `next_observations`. In memory `load` turns it
+into the multi-agent layout every script uses, `Dataset`, with the per-agent
+observations produced by the environment's own observation function. One file thus
+serves every observation setting of a task.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from envs import UserInputError
+
+REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+CACHE_DIR = Path(os.environ.get("MOMA_DATA_DIR", Path(__file__).parent / "cache"))
+
+# task -> (random return, expert return): normalized score = (R - random) / (expert - random).
+# Coordination game: the team score is the mean reward per round of a 10-round episode.
+REFERENCE_RETURNS = {"coordination": (0.0, 10.0)}
+
+
+@dataclass
+class Dataset:
+    """Transitions in time order; T transitions, N agents, S state dims, O observation dims."""
+
+    states: np.ndarray  # [T, S] global state s_t
+    next_states: np.ndarray  # [T, S] global state s_{t+1}
+    observations: np.ndarray  # [T, N, O] each agent's observation of s_t (zero-padded to O)
+    next_observations: np.ndarray  # [T, N, O] each agent's observation of s_{t+1}
+    actions: np.ndarray  # [T, N] int64 for categorical actions, [T, N, A] float32 otherwise
+    rewards: np.ndarray  # [T] the shared team reward
+    terminals: np.ndarray  # [T] bool, s_{t+1} is absorbing: do not bootstrap from it
+    timeouts: np.ndarray  # [T] bool, the episode was cut after this step: s_{t+1} is not absorbing
+    episode_starts: np.ndarray  # [T] bool, s_t is the first state of an episode
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def stats(self, field: str) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation over transitions of `field` (e.g. "states", "observations").
+
+        Constant components (zero padding included) get a standard deviation of 1 so that
+        normalising them is a plain shift.
+        """
+        x = getattr(self, field)
+        mean, std = x.mean(0), x.std(0)
+        return mean.astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32)
+
+    def episode_returns(self) -> np.ndarray:
+        """Undiscounted return of every episode (a trailing unfinished episode included)."""
+        episode_index = np.cumsum(self.episode_starts) - 1
+        return np.bincount(episode_index, weights=self.rewards)
+
+
+def _builders():
+    from data import coordination
+
+    return {"coordination": (coordination.BEHAVIOUR, coordination.build)}
+
+
+def dataset_names(task: str) -> tuple[str, ...]:
+    return tuple(_builders().get(task, ({}, None))[0])
+
+
+def load(env, dataset: str) -> Dataset:
+    """Load dataset `dataset` of `env`'s task: a name the project builds, or a .npz / .hdf5 path."""
+    raw = read_file(dataset_path(env.task, dataset))
+    return to_multi_agent(raw, env, source=dataset)
+
+
+def dataset_path(task: str, dataset: str) -> Path:
+    """The file of a named dataset (built and cached on first use), or the path given."""
+    if dataset.endswith((".npz", ".hdf5", ".h5")):
+        path = Path(dataset).expanduser()
+        if not path.exists():
+            raise UserInputError(f"dataset file '{path}' does not exist; pass a dataset name or an existing .npz/.hdf5 file")
+        return path
+    names = dataset_names(task)
+    if dataset not in names:
+        raise UserInputError(
+            f"unknown dataset '{dataset}' for task '{task}'; choose one of: {', '.join(names)}, or pass a .npz/.hdf5 file"
+        )
+    path = CACHE_DIR / f"{task}-{dataset}.npz"
+    if not path.exists():
+        build = _builders()[task][1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")  # written whole, then renamed: a crash leaves no half file
+        np.savez_compressed(tmp, **build(dataset))
+        tmp.replace(path)
+    return path
+
+
+def read_file(path: Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        import h5py  # only needed for D4RL files
+
+        with h5py.File(path, "r") as f:
+            return {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+    except ImportError:
+        raise UserInputError("reading .hdf5 datasets needs h5py: pip install h5py") from None
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"cannot read dataset file '{path}' ({e}); is it a .npz or D4RL .hdf5 file?") from None
+
+
+def to_multi_agent(raw: dict[str, np.ndarray], env, source: str = "dataset") -> Dataset:
+    """Validate a D4RL-layout dict and split it into the agents' observations and actions."""
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise UserInputError(
+            f"{source} is missing {', '.join(missing)}; a dataset needs the keys {', '.join(REQUIRED_KEYS)}"
+        )
+    lengths = {k: len(raw[k]) for k in REQUIRED_KEYS}
+    if len(set(lengths.values())) != 1:
+        raise UserInputError(f"{source} has arrays of different lengths {lengths}; every key needs one row per transition")
+    if lengths["rewards"] == 0:
+        raise UserInputError(f"{source} holds no transitions")
+    for key in REQUIRED_KEYS:
+        value = np.asarray(raw[key])
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad = int((~np.isfinite(value)).reshape(len(value), -1).any(1).sum())
+            raise UserInputError(f"{source} has NaN or infinite values in '{key}' ({bad} rows); clean or regenerate it")
+    states = np.asarray(raw["observations"], dtype=np.float32)
+    next_states = np.asarray(raw["next_observations"], dtype=np.float32)
+    if states.ndim != 2 or states.shape[1] != env.state_dim or next_states.shape != states.shape:
+        raise UserInputError(
+            f"{source} has observations of shape {states.shape} and next_observations of shape {next_states.shape}; "
+            f"task '{env.task}' needs [T, {env.state_dim}] global states"
+        )
+    actions = np.asarray(raw["actions"])
+    if env.n_actions is not None:  # categorical: one integer per agent
+        ok = actions.ndim == 2 and actions.shape[1] == env.n_agents and np.all(actions == np.round(actions))
+        ok = ok and actions.min() >= 0 and actions.max() < env.n_actions
+        expected = f"[T, {env.n_agents}] integers in [0, {env.n_actions})"
+    else:
+        ok = actions.ndim == 2 and actions.shape[1] == env.n_agents * env.act_dim
+        expected = f"[T, {env.n_agents * env.act_dim}] joint actions"
+    if not ok:
+        raise UserInputError(f"{source} has actions of shape {actions.shape}; task '{env.task}' needs {expected}")
+
+    terminals = np.asarray(raw["terminals"]).astype(bool)
+    timeouts = np.asarray(raw["timeouts"]).astype(bool)
+    episode_starts = np.ones_like(terminals)
+    episode_starts[1:] = (terminals | timeouts)[:-1]
+    return Dataset(
+        states=states,
+        next_states=next_states,
+        observations=env.observe(states),
+        next_observations=env.observe(next_states),
+        actions=env.split_actions(actions),
+        rewards=np.asarray(raw["rewards"], dtype=np.float32).reshape(-1),
+        terminals=terminals,
+        timeouts=timeouts,
+        episode_starts=episode_starts,
+    )
+
+
+def normalized_score(task: str, returns) -> float:
+    """(R - random) / (expert - random) for the mean of `returns`."""
+    random_return, expert_return = REFERENCE_RETURNS[task]
+    return float((np.mean(returns) - random_return) / (expert_return - random_return))
