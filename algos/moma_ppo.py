@@ -1,0 +1,510 @@
+# MOMA-PPO: Model-based Offline Multi-Agent PPO (paper section 3, Algorithm 1, appendix A).
+#
+# 1. Learn a centralised world model from the offline dataset: an ensemble of N_m = 7
+#    networks, each predicting a Gaussian over the next global state, a Gaussian over the
+#    reward and a Bernoulli termination from (global state, joint action). The 5 members
+#    with the lowest holdout error are kept (section 3.1).
+# 2. Train decentralised MAPPO agents on synthetic rollouts: k-step rollouts start from
+#    dataset states, the reward is penalised by the ensemble's epistemic uncertainty
+#    (r~ = r_mean - lambda_r eps_r - lambda_g eps_g) and a rollout is cut with a time-out
+#    when eps_g >= l_eps or after k steps (section 3.2). Agents interact through the
+#    model, which is what lets them agree on one convention and adapt to each other.
+#
+# Differences from the paper, and choices it leaves open:
+# - The world model's Gaussian NLL is weighted by the detached variance**0.5 (beta-NLL):
+#   with plain NLL, outputs fit with a small variance dominate the gradient and the
+#   others stall (on the coordination game the reward was never learned).
+# - The time-out test uses eps_g before it is clamped to l_eps (the penalty uses the
+#   clamped values, as section 3.1 says), so adaptive termination actually fires.
+# - Rollout slots that end (terminal or time-out) restart at once from a fresh dataset
+#   state, so every PPO batch holds exactly rollout_batch x rollout_length transitions.
+# - Advantages are normalised per batch (as MAPPO does); the paper does not say.
+# - Coordination game only so far (categorical actions, no memory module): a smaller
+#   world model and a larger learning rate than the paper's MuJoCo settings, see
+#   TASK_DEFAULTS. The action type is one class (CategoricalPolicies) to swap for
+#   Gaussian policies.
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # envs/ and data/, without installing
+import data  # noqa: E402
+import envs  # noqa: E402
+
+
+@dataclass
+class Args:
+    task: str = "coordination"
+    """environment: coordination"""
+    obs: str | None = None
+    """observation setting (default: the task's first one; coordination has only `fo`)"""
+    dataset: str = "unfavorable"
+    """dataset name (coordination: favorable, neutral, unfavorable) or a .npz/.hdf5 file"""
+    seed: int = 0
+    """seed of everything random in the run"""
+    total_steps: int | None = None
+    """PPO learning steps: one step = one batch of synthetic rollouts and its update (default: per task)"""
+    eval_every: int | None = None
+    """evaluate every this many learning steps, 0 for only at the end (default: per task)"""
+    eval_episodes: int = 100
+    """episodes per evaluation (greedy actions)"""
+    cuda: bool = False
+    """use the GPU when one is available"""
+    runs_dir: str = "runs"
+    """where the run folder (logs, model, result.json) is written"""
+
+    # world model (section 3.1)
+    wm_members: int = 7
+    """ensemble members trained (N_m)"""
+    wm_elites: int = 5
+    """members kept, those with the lowest holdout error (N)"""
+    wm_hidden: int | None = None
+    """units per hidden layer of each member (default: per task)"""
+    wm_layers: int | None = None
+    """hidden layers of each member (default: per task)"""
+    wm_learning_rate: float = 1e-3
+    """Adam learning rate of the world model"""
+    wm_nll_beta: float = 0.5
+    """beta of the beta-NLL loss (Seitzer et al. 2022); 0 is the plain Gaussian NLL of the paper"""
+    wm_batch_size: int = 256
+    """transitions per member per gradient step"""
+    wm_max_steps: int | None = None
+    """gradient steps at most (default: per task)"""
+    wm_holdout: float = 0.1
+    """fraction of the dataset held out for early stopping and elite selection"""
+    wm_eval_every: int = 250
+    """gradient steps between holdout evaluations"""
+    wm_patience: int = 4
+    """stop after this many holdout evaluations without a 1% improvement of any member"""
+
+    # synthetic rollouts (section 3.2)
+    rollout_batch: int = 200
+    """parallel rollouts b per learning step"""
+    rollout_length: int = 10
+    """maximum rollout length k"""
+    lambda_r: float = 1.0
+    """penalty on the reward uncertainty eps_r"""
+    lambda_g: float = 1.0
+    """penalty on the general uncertainty eps_g"""
+    l_eps: float = 1.0
+    """uncertainty threshold l_eps: time-out when eps_g >= l_eps; also caps the penalties (inf disables)"""
+
+    # MAPPO (appendix A)
+    learning_rate: float | None = None
+    """Adam learning rate of the policies and the value function (default: per task; paper 5e-5)"""
+    hidden: int | None = None
+    """units in each of the two hidden layers of the policy and value networks (default: per task; paper 256)"""
+    epochs: int = 5
+    """passes over each rollout batch"""
+    minibatch_size: int = 500
+    """transitions per gradient step"""
+    clip: float = 0.2
+    """PPO ratio clipping"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.98
+    """GAE lambda"""
+    critic_coef: float = 0.5
+    """weight of the value loss"""
+    entropy_lr: float = 1e-3
+    """step size of the entropy temperature's dual update (the paper's entropy bonus coefficient)"""
+    entropy_target: float | None = None
+    """target entropy per agent, in nats (default: per task)"""
+
+
+# Defaults that depend on the task, used for every field left at None.
+TASK_DEFAULTS = {
+    # Two actions and a 1-d state: small networks suffice, and a larger learning rate than
+    # the paper's 5e-5 converges in seconds. Entropy target: a near-deterministic policy.
+    "coordination": dict(
+        total_steps=30, eval_every=0, hidden=64, learning_rate=1e-3, entropy_target=0.1,
+        wm_hidden=64, wm_layers=2, wm_max_steps=1000,
+    ),  # fmt: skip
+}
+
+
+class BatchedLinear(nn.Module):
+    """One linear layer per member (agent or ensemble member), as one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, members: int, fan_in: int, fan_out: int):
+        super().__init__()
+        bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialisation, for each member
+        self.weight = nn.Parameter(torch.empty(members, fan_in, fan_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def batched_mlp(members: int, sizes: list[int], activation=nn.ReLU) -> nn.Sequential:
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layers += [BatchedLinear(members, fan_in, fan_out), activation()]
+    return nn.Sequential(*layers[:-1])
+
+
+# ---------------------------------------------------------------------------------------
+# World model
+# ---------------------------------------------------------------------------------------
+class WorldModel(nn.Module):
+    """Ensemble of Gaussian/Bernoulli models of (s, a) -> (s', r, terminal), all members in one network.
+
+    Each member predicts the normalised state change and reward (mean and log-std) and a
+    termination logit. Inputs and targets are normalised with dataset statistics, which are
+    buffers so that they travel with the weights.
+    """
+
+    def __init__(self, members, state_dim, action_dim, hidden, layers, stats):
+        super().__init__()
+        self.state_dim = state_dim
+        self.net = batched_mlp(members, [state_dim + action_dim] + [hidden] * layers + [2 * (state_dim + 1) + 1], nn.SiLU)
+        for name, value in stats.items():  # normalisation and bounding-box statistics
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
+
+    def forward(self, states, actions):
+        """[E, B, S], [E, B, A] -> normalised means [E, B, S+1], log-stds [E, B, S+1], terminal logits [E, B]."""
+        x = torch.cat([(states - self.state_mean) / self.state_std, actions], -1)
+        out = self.net(x)
+        q = self.state_dim + 1
+        mean, raw_log_std, logit = out[..., :q], out[..., q : 2 * q], out[..., -1]
+        # soft bounds keep the Gaussian likelihood from collapsing on deterministic targets
+        log_std = 0.5 - F.softplus(0.5 - raw_log_std)
+        log_std = -5.0 + F.softplus(log_std + 5.0)
+        return mean, log_std, logit
+
+    def targets(self, states, next_states, rewards):
+        """Normalised [state change, reward] targets [..., S+1]."""
+        return (torch.cat([next_states - states, rewards[..., None]], -1) - self.target_mean) / self.target_std
+
+    def keep(self, members: torch.Tensor) -> None:
+        """Keep only the given ensemble members (e.g. the elites)."""
+        for layer in self.net:
+            if isinstance(layer, BatchedLinear):
+                layer.weight = nn.Parameter(layer.weight.data[members].clone())
+                layer.bias = nn.Parameter(layer.bias.data[members].clone())
+
+    @torch.no_grad()
+    def step(self, states, actions, generator=None):
+        """One synthetic step for a batch: states [B, S], encoded joint actions [B, A].
+
+        Returns the next state sampled from a uniformly chosen member, the mean reward, the
+        majority-vote terminal flag and the epistemic uncertainties eps_r, eps_g, with the next
+        state and reward clipped to the dataset's bounding box.
+        """
+        members = self.net[0].weight.shape[0]
+        mean, log_std, logit = self(states.expand(members, -1, -1), actions.expand(members, -1, -1))
+        delta_and_reward = mean * self.target_std + self.target_mean  # [E, B, S+1]
+        next_states = states + delta_and_reward[..., :-1]
+        rewards = delta_and_reward[..., -1]
+        eps_r, eps_g = epistemic_uncertainty(next_states, rewards)
+
+        pick = torch.randint(members, (states.shape[0],), device=states.device, generator=generator)
+        rows = torch.arange(states.shape[0], device=states.device)
+        noise = torch.randn(states.shape, device=states.device, generator=generator)
+        sampled = next_states[pick, rows] + noise * log_std[pick, rows, :-1].exp() * self.target_std[:-1]
+        terminals = (logit > 0).float().mean(0) > 0.5
+        next_state = torch.minimum(torch.maximum(sampled, self.state_low), self.state_high)
+        reward = rewards.mean(0).clamp(self.reward_low, self.reward_high)
+        return next_state, reward, terminals, eps_r, eps_g
+
+
+def epistemic_uncertainty(next_states: torch.Tensor, rewards: torch.Tensor):
+    """eps_r and eps_g of section 3.1 from the members' predictions [E, B, S] and [E, B].
+
+    eps_r: unbiased variance of the reward across members.
+    eps_g: Frobenius norm of the unbiased ensemble covariance of x = [s', r]. With D the
+    [E, q] matrix of deviations from the mean, ||D^T D||_F = ||D D^T||_F, so the norm is
+    taken on the small [E, E] Gram matrix instead of the [q, q] covariance.
+    """
+    members = rewards.shape[0]
+    eps_r = rewards.var(0, unbiased=True)
+    x = torch.cat([next_states, rewards[..., None]], -1)
+    deviations = x - x.mean(0)
+    gram = torch.einsum("mbq,nbq->bmn", deviations, deviations) / (members - 1)
+    eps_g = torch.linalg.matrix_norm(gram, ord="fro")
+    return eps_r, eps_g
+
+
+def train_world_model(args, dataset, encode_actions, device, writer, generator):
+    """Fit the ensemble with holdout early stopping, then keep the elites. Returns the model."""
+    states = torch.as_tensor(dataset.states, device=device)
+    next_states = torch.as_tensor(dataset.next_states, device=device)
+    rewards = torch.as_tensor(dataset.rewards, device=device)
+    terminals = torch.as_tensor(dataset.terminals, device=device, dtype=torch.float32)
+    actions = encode_actions(torch.as_tensor(dataset.actions, device=device))
+
+    delta_and_reward = np.concatenate([dataset.next_states - dataset.states, dataset.rewards[:, None]], 1)
+    state_mean, state_std = dataset.stats("states")
+    stats = dict(
+        state_mean=state_mean, state_std=state_std,
+        # the floor keeps float rounding in (nearly) constant targets from being scaled up
+        # into the loudest thing the model has to fit
+        target_mean=delta_and_reward.mean(0), target_std=np.maximum(delta_and_reward.std(0), 1e-3),
+        state_low=np.minimum(dataset.states.min(0), dataset.next_states.min(0)),
+        state_high=np.maximum(dataset.states.max(0), dataset.next_states.max(0)),
+        reward_low=dataset.rewards.min(), reward_high=dataset.rewards.max(),
+    )  # fmt: skip
+    model = WorldModel(args.wm_members, states.shape[1], actions.shape[1], args.wm_hidden, args.wm_layers, stats).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.wm_learning_rate)
+
+    order = torch.randperm(len(states), device=device, generator=generator)
+    n_holdout = max(1, min(int(args.wm_holdout * len(states)), 10_000))
+    holdout, train = order[:n_holdout], order[n_holdout:]
+    hold_targets = model.targets(states[holdout], next_states[holdout], rewards[holdout])
+
+    def holdout_mse() -> torch.Tensor:  # per member, mean over next-state and reward dims
+        with torch.no_grad():
+            mean, _, _ = model(states[holdout].expand(args.wm_members, -1, -1), actions[holdout].expand(args.wm_members, -1, -1))
+            return ((mean - hold_targets) ** 2).mean((1, 2))
+
+    best_error = holdout_mse()
+    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    stale, step = 0, 0
+    start = time.time()
+    while step < args.wm_max_steps and stale < args.wm_patience:
+        for _ in range(args.wm_eval_every):
+            # each member draws its own minibatch: [E, B]
+            idx = train[torch.randint(len(train), (args.wm_members, args.wm_batch_size), device=device, generator=generator)]
+            mean, log_std, logit = model(states[idx], actions[idx])
+            target = model.targets(states[idx], next_states[idx], rewards[idx])
+            nll = ((mean - target) / log_std.exp()) ** 2 / 2 + log_std
+            # beta-NLL: weighting by the detached variance**beta keeps well-fit, low-variance
+            # outputs from drowning the gradient of the others (plain NLL, beta = 0, stalls here)
+            nll = (nll * (2 * args.wm_nll_beta * log_std.detach()).exp()).mean()
+            bce = F.binary_cross_entropy_with_logits(logit, terminals[idx])
+            loss = nll + bce
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        step += args.wm_eval_every
+        error = holdout_mse()
+        improved = error < best_error * 0.99
+        stale = 0 if improved.any() else stale + 1
+        best_error = torch.where(improved, error, best_error)
+        for key, value in model.state_dict().items():  # snapshot the improved members only
+            if value.dim() == 3 and value.shape[0] == args.wm_members:
+                best_state[key][improved] = value[improved]
+        writer.add_scalar("losses/world_model_nll", nll.item(), step)
+        writer.add_scalar("losses/world_model_holdout_mse", best_error.mean().item(), step)
+
+    model.load_state_dict(best_state)
+    elites = torch.argsort(best_error)[: args.wm_elites]
+    model.keep(elites)
+    errors = ", ".join(f"{e:.2e}" + ("*" if i in elites else "") for i, e in enumerate(best_error.tolist()))
+    print(f"world model: {step} steps in {time.time() - start:.1f}s, holdout MSE per member (* elite): {errors}", flush=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# MAPPO agents
+# ---------------------------------------------------------------------------------------
+class CategoricalPolicies(nn.Module):
+    """All agents' categorical policies in one batched network: observations [N, B, O] -> logits."""
+
+    def __init__(self, n_agents, obs_dim, n_actions, hidden, obs_mean, obs_std):
+        super().__init__()
+        self.n_agents, self.n_actions = n_agents, n_actions
+        self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32).unsqueeze(1))  # [N, 1, O]
+        self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32).unsqueeze(1))
+        self.net = batched_mlp(n_agents, [obs_dim, hidden, hidden, n_actions], nn.Tanh)
+
+    def distribution(self, obs: torch.Tensor) -> torch.distributions.Categorical:
+        return torch.distributions.Categorical(logits=self.net((obs - self.obs_mean) / self.obs_std))
+
+    def encode(self, actions: torch.Tensor) -> torch.Tensor:
+        """Per-agent actions [..., N] -> the world model's joint-action input [..., N * n_actions]."""
+        return F.one_hot(actions, self.n_actions).float().flatten(-2)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Greedy actions of the N agents from their observations [N, O] (used for evaluation)."""
+        obs = torch.as_tensor(obs, device=self.obs_mean.device).unsqueeze(1)
+        return self.distribution(obs).probs.argmax(-1).squeeze(1).cpu().numpy()
+
+
+class MixedValue(nn.Module):
+    """Centralised value with QMIX-style decomposition: V(s) = sum_i w_i(s) V_i(o_i) + b(s), w_i >= 0."""
+
+    def __init__(self, n_agents, obs_dim, state_dim, hidden, obs_mean, obs_std, state_mean, state_std):
+        super().__init__()
+        self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32).unsqueeze(1))
+        self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32).unsqueeze(1))
+        self.register_buffer("state_mean", torch.as_tensor(state_mean, dtype=torch.float32))
+        self.register_buffer("state_std", torch.as_tensor(state_std, dtype=torch.float32))
+        self.agent_values = batched_mlp(n_agents, [obs_dim, hidden, hidden, 1], nn.Tanh)
+        self.mixer = nn.Sequential(nn.Linear(state_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_agents + 1))
+
+    def forward(self, obs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """obs [N, B, O], states [B, S] -> V(s) [B]."""
+        values = self.agent_values((obs - self.obs_mean) / self.obs_std).squeeze(-1)  # [N, B]
+        mix = self.mixer((states - self.state_mean) / self.state_std)  # [B, N + 1]
+        return (mix[:, :-1].abs() * values.T).sum(-1) + mix[:, -1]
+
+
+def timeout_aware_gae(rewards, values, next_values, masks, timeout_masks, gamma, lam):
+    """Returns and advantages of appendix A over [k, b] rollouts (time first).
+
+    masks = 1 - terminal: a terminal never bootstraps. timeout_masks = zeta: at a time-out
+    (zeta = 0) accumulation stops and the return bootstraps from the next state's value.
+    """
+    returns = torch.zeros_like(rewards)
+    advantages = torch.zeros_like(rewards)
+    running_returns = next_values[-1] * masks[-1]
+    running_advantages = torch.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        bootstrap = next_values[t] * masks[t]
+        running_returns = rewards[t] + gamma * masks[t] * (
+            running_returns * timeout_masks[t] + (1 - timeout_masks[t]) * bootstrap
+        )
+        returns[t] = running_returns
+        delta = rewards[t] + gamma * bootstrap - values[t]
+        running_advantages = delta + gamma * lam * running_advantages * masks[t] * timeout_masks[t]
+        advantages[t] = running_advantages
+    return returns, advantages
+
+
+def main(args: Args) -> dict:
+    for key, value in TASK_DEFAULTS.get(args.task, {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    start_time = time.time()
+    env = envs.make(args.task, args.obs)
+    dataset = data.load(env, args.dataset)
+    if env.n_actions is None:
+        raise envs.UserInputError(f"moma_ppo.py supports categorical actions only so far; task '{args.task}' is continuous")
+    run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__moma_ppo__{args.seed}__{int(start_time)}"
+    run_dir = Path(args.runs_dir) / run_name
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    generator = torch.Generator(device).manual_seed(args.seed)
+    print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} learning steps on {device}", flush=True)
+
+    obs_mean, obs_std = dataset.stats("observations")
+    state_mean, state_std = dataset.stats("states")
+    policies = CategoricalPolicies(env.n_agents, env.obs_dim, env.n_actions, args.hidden, obs_mean, obs_std).to(device)
+    value = MixedValue(env.n_agents, env.obs_dim, env.state_dim, args.hidden, obs_mean, obs_std, state_mean, state_std).to(device)
+    world_model = train_world_model(args, dataset, policies.encode, device, writer, generator)
+    optimizer = torch.optim.Adam([*policies.parameters(), *value.parameters()], lr=args.learning_rate)
+    entropy_alpha = torch.zeros(env.n_agents, 1, device=device)  # one temperature per agent
+
+    start_states = torch.as_tensor(dataset.states, device=device)
+    k, b = args.rollout_length, args.rollout_batch
+
+    def evaluate() -> tuple[float, float]:
+        returns = envs.evaluate(env, policies.act, args.eval_episodes, seed=args.seed)
+        return float(returns.mean()), data.normalized_score(args.task, returns)
+
+    ppo_start = time.time()
+    for step in range(1, args.total_steps + 1):
+        # -- synthetic rollouts through the world model, all slots and agents at once --
+        states = start_states[torch.randint(len(start_states), (b,), device=device, generator=generator)]
+        buffer = {key: [] for key in ("states", "actions", "log_probs", "rewards", "masks", "timeout_masks", "next_states")}
+        with torch.no_grad():
+            for t in range(k):
+                dist = policies.distribution(env.observe(states).transpose(0, 1))  # obs [N, b, O]
+                actions = dist.sample()  # [N, b]
+                next_states, reward, terminal, eps_r, eps_g = world_model.step(states, policies.encode(actions.T), generator)
+                timeout = (eps_g >= args.l_eps) | (t == k - 1)
+                penalty = args.lambda_r * eps_r.clamp(max=args.l_eps) + args.lambda_g * eps_g.clamp(max=args.l_eps)
+                for key, x in zip(buffer, (states, actions, dist.log_prob(actions), reward - penalty, 1.0 - terminal.float(), 1.0 - timeout.float(), next_states)):
+                    buffer[key].append(x)
+                # a finished slot restarts from a fresh dataset state
+                fresh = start_states[torch.randint(len(start_states), (b,), device=device, generator=generator)]
+                states = torch.where((terminal | timeout)[:, None], fresh, next_states)
+            rollout = {key: torch.stack(x) for key, x in buffer.items()}  # [k, ...]
+            obs = env.observe(rollout["states"]).permute(2, 0, 1, 3)  # [N, k, b, O]
+            next_obs = env.observe(rollout["next_states"]).permute(2, 0, 1, 3)
+            values = value(obs.flatten(1, 2), rollout["states"].flatten(0, 1)).view(k, b)
+            next_values = value(next_obs.flatten(1, 2), rollout["next_states"].flatten(0, 1)).view(k, b)
+            returns, advantages = timeout_aware_gae(
+                rollout["rewards"], values, next_values, rollout["masks"], rollout["timeout_masks"], args.gamma, args.gae_lambda
+            )
+
+        # -- MAPPO update on the k * b synthetic transitions --
+        flat_obs, flat_states = obs.flatten(1, 2), rollout["states"].flatten(0, 1)
+        flat_actions = rollout["actions"].permute(1, 0, 2).flatten(1, 2)  # [N, k*b]
+        flat_log_probs = rollout["log_probs"].permute(1, 0, 2).flatten(1, 2)
+        flat_returns, flat_advantages = returns.flatten(), advantages.flatten()
+        flat_advantages = (flat_advantages - flat_advantages.mean()) / (flat_advantages.std() + 1e-8)
+        for _ in range(args.epochs):
+            for idx in torch.randperm(k * b, device=device, generator=generator).split(args.minibatch_size):
+                log_probs = policies.distribution(flat_obs[:, idx]).log_prob(flat_actions[:, idx])  # [N, mb]
+                ratio = (log_probs - flat_log_probs[:, idx]).exp()
+                clipped_ratio = ratio.clamp(1 - args.clip, 1 + args.clip)
+                adv = flat_advantages[idx]
+                policy_loss = -torch.min(ratio * adv, clipped_ratio * adv).mean(1).sum()
+                # appendix A: entropy estimated as E_old[-ratio * log pi_new], clipped like the objective
+                entropy = torch.min(-(ratio * log_probs).mean(1), -(clipped_ratio * log_probs).mean(1))  # [N]
+                entropy_alpha += args.entropy_lr * (args.entropy_target - entropy.detach()[:, None])
+                entropy_alpha.clamp_(min=0.0)
+                entropy_bonus = -(entropy * entropy_alpha[:, 0]).sum()
+                value_loss = ((value(flat_obs[:, idx], flat_states[idx]) - flat_returns[idx]) ** 2).mean()
+                loss = policy_loss + args.critic_coef * value_loss + entropy_bonus
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_([*policies.parameters(), *value.parameters()], 1.0)
+                optimizer.step()
+
+        writer.add_scalar("losses/policy_loss", policy_loss.item(), step)
+        writer.add_scalar("losses/value_loss", value_loss.item(), step)
+        writer.add_scalar("losses/entropy", entropy.mean().item(), step)
+        writer.add_scalar("losses/entropy_alpha", entropy_alpha.mean().item(), step)
+        writer.add_scalar("charts/synthetic_reward", rollout["rewards"].mean().item(), step)
+        writer.add_scalar("charts/timeout_rate", 1 - rollout["timeout_masks"][:-1].mean().item(), step)
+        writer.add_scalar("charts/SPS", int(step * k * b / (time.time() - ppo_start)), step)
+        if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+            ret, score = evaluate()
+            writer.add_scalar("eval/return", ret, step)
+            writer.add_scalar("eval/normalized_score", score, step)
+            print(f"step {step}: return {ret:.2f}, normalized score {score:.3f}", flush=True)
+
+    ret, score = evaluate()
+    writer.add_scalar("eval/return", ret, args.total_steps)
+    writer.add_scalar("eval/normalized_score", score, args.total_steps)
+    writer.close()
+    torch.save(
+        {
+            "args": asdict(args),
+            "policies": policies.state_dict(),  # state dicts include the normalisation statistics
+            "value": value.state_dict(),
+            "world_model": world_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "entropy_alpha": entropy_alpha,
+            "step": args.total_steps,
+            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
+        },
+        run_dir / "model.pt",
+    )
+    result = {
+        "task": args.task, "obs": env.obs_setting, "dataset": args.dataset, "algo": "moma_ppo", "seed": args.seed,
+        "normalized_score": score, "return": ret, "eval_episodes": args.eval_episodes,
+        "total_steps": args.total_steps, "wall_seconds": time.time() - start_time, "device": str(device),
+    }  # fmt: skip
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"return {ret:.3f}, results in {run_dir}")
+    print(f"normalized_score: {score:.4f}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except envs.UserInputError as error:
+        sys.exit(f"error: {error}")
