@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+
+import data
+import envs
+from data import coordination
+
+
+@pytest.fixture(scope="module")
+def env():
+    return envs.make("coordination")
+
+
+@pytest.mark.parametrize("name", list(coordination.BEHAVIOUR))
+def test_coordination_datasets_match_table_1(env, name):
+    ds = data.load(env, name)
+    p0, p1 = coordination.BEHAVIOUR[name]
+    assert len(ds) == 10_000
+    # behaviour policies: P(agent goes right) within 3 standard errors of 10k draws
+    np.testing.assert_allclose(ds.actions.mean(0), [p0, p1], atol=0.015)
+    # the dataset's average score (mean reward per round), paper Table 1
+    assert abs(ds.rewards.mean() - coordination.PAPER_AVERAGE_SCORE[name]) < 0.015
+    assert abs(data.normalized_score("coordination", ds.episode_returns()) - ds.rewards.mean()) < 1e-6
+
+
+def test_layout(env):
+    ds = data.load(env, "neutral")
+    T = len(ds)
+    assert ds.states.shape == ds.next_states.shape == (T, env.state_dim)
+    assert ds.observations.shape == ds.next_observations.shape == (T, env.n_agents, env.obs_dim)
+    assert ds.actions.shape == (T, env.n_agents) and ds.actions.dtype == np.int64
+    assert ds.rewards.shape == ds.terminals.shape == ds.timeouts.shape == ds.episode_starts.shape == (T,)
+    # 10-round episodes: a start every 10 steps, a terminal at every 10th step
+    assert ds.episode_starts.sum() == ds.terminals.sum() == T // 10
+    assert np.all(np.flatnonzero(ds.episode_starts) % 10 == 0)
+    np.testing.assert_allclose(ds.states[ds.episode_starts], 0.0)
+    np.testing.assert_allclose(ds.next_states[:-1][~ds.terminals[:-1]], ds.states[1:][~ds.terminals[:-1]])
+    assert len(ds.episode_returns()) == T // 10
+
+
+def test_generation_is_deterministic():
+    a, b = coordination.build("unfavorable", episodes=50, seed=3), coordination.build("unfavorable", episodes=50, seed=3)
+    c = coordination.build("unfavorable", episodes=50, seed=4)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["actions"], c["actions"])
+
+
+def test_stats_leave_constant_components_unscaled(env):
+    ds = data.load(env, "favorable")
+    mean, std = ds.stats("observations")
+    assert mean.shape == std.shape == (env.n_agents, env.obs_dim)
+    np.testing.assert_allclose(mean, 0.45, atol=1e-5)
+    ds.observations[..., 0] = 3.0
+    assert np.all(ds.stats("observations")[1] == 1.0)
+
+
+def _write(tmp_path, **changes):
+    raw = coordination.build("neutral", episodes=20)
+    raw.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del raw[key]
+    path = tmp_path / "custom.npz"
+    np.savez(path, **raw)
+    return str(path)
+
+
+def test_loads_a_file_by_path(env, tmp_path):
+    ds = data.load(env, _write(tmp_path))
+    assert len(ds) == 200
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(rewards=None), "missing rewards"),
+        (dict(rewards=np.zeros(199, dtype=np.float32)), "different lengths"),
+        (dict(rewards=np.full(200, np.nan, dtype=np.float32)), "NaN or infinite values in 'rewards'"),
+        (dict(observations=np.zeros((200, 3), dtype=np.float32)), "observations of shape"),
+        (dict(actions=np.full((200, 2), 2)), "actions of shape"),
+        (dict(actions=np.zeros((200, 3), dtype=np.int64)), "actions of shape"),
+    ],
+)
+def test_rejects_malformed_files(env, tmp_path, changes, message):
+    with pytest.raises(envs.UserInputError, match=message):
+        data.load(env, _write(tmp_path, **changes))
+
+
+def test_rejects_unknown_names_and_missing_files(env, tmp_path):
+    with pytest.raises(envs.UserInputError, match="unknown dataset 'nope'"):
+        data.load(env, "nope")
+    with pytest.raises(envs.UserInputError, match="does not exist"):
+        data.load(env, str(tmp_path / "missing.npz"))
+    (tmp_path / "garbage.npz").write_text("not a zip file")
+    with pytest.raises(envs.UserInputError, match="cannot read"):
+        data.load(env, str(tmp_path / "garbage.npz"))

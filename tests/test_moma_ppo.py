@@ -1,0 +1,105 @@
+"""Formulas of MOMA-PPO (paper section 3 and appendix A) against hand or numpy computations."""
+
+import numpy as np
+import pytest
+import torch
+
+from algos import moma_ppo
+
+
+def test_timeout_aware_gae_hand_computed():
+    # gamma 0.9, lambda 0.5; columns are two rollout slots, rows the k = 3 steps.
+    # Slot A: a time-out at t = 1 (the slot restarts at t = 2), a time-out at t = 2 (k reached).
+    # Slot B: a terminal at t = 0 (the slot restarts at t = 1), a time-out at t = 2.
+    t = lambda *rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    rewards = t([1.0, 1.0], [2.0, 0.0], [3.0, 1.0])
+    values = t([0.5, 0.2], [0.6, 0.3], [0.7, 0.4])
+    next_values = t([0.6, 5.0], [0.8, 0.5], [0.9, 0.6])
+    masks = t([1.0, 0.0], [1.0, 1.0], [1.0, 1.0])  # 1 - terminal
+    timeout_masks = t([1.0, 1.0], [0.0, 1.0], [0.0, 0.0])  # zeta
+    returns, advantages = moma_ppo.timeout_aware_gae(rewards, values, next_values, masks, timeout_masks, 0.9, 0.5)
+    # Slot A, t = 2: 3 + 0.9 * 0.9; t = 1: time-out, bootstrap 2 + 0.9 * 0.8 and no accumulation;
+    # t = 0: 1 + 0.9 * R_1. Advantages: delta_2; delta_1 (accumulation cut); delta_0 + 0.45 A_1.
+    # Slot B, t = 2: 1 + 0.9 * 0.6; t = 1: 0 + 0.9 * R_2; t = 0: terminal, no bootstrap from V' = 5.
+    expected_returns = t([3.448, 1.0], [2.72, 1.386], [3.81, 1.54])
+    expected_advantages = t([1.04 + 0.45 * 2.12, 0.8], [2.12, 0.15 + 0.45 * 1.14], [3.11, 1.14])
+    torch.testing.assert_close(returns, expected_returns)
+    torch.testing.assert_close(advantages, expected_advantages)
+
+
+def test_gae_without_time_outs_is_standard_gae():
+    g = torch.Generator().manual_seed(0)
+    k, gamma, lam = 6, 0.99, 0.95
+    rewards, values, next_values = (torch.randn(k, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    next_values[:-1] = values[1:]  # one uninterrupted trajectory per slot
+    ones, zeta = torch.ones(k, 3, dtype=torch.float64), torch.ones(k, 3, dtype=torch.float64)
+    zeta[-1] = 0
+    _, advantages = moma_ppo.timeout_aware_gae(rewards, values, next_values, ones, zeta, gamma, lam)
+    deltas = rewards + gamma * next_values - values
+    expected = torch.stack([sum((gamma * lam) ** j * deltas[i + j] for j in range(k - i)) for i in range(k)])
+    torch.testing.assert_close(advantages, expected)
+
+
+def test_epistemic_uncertainty_matches_numpy():
+    rng = np.random.default_rng(0)
+    E, B, S = 5, 4, 3
+    next_states, rewards = rng.normal(size=(E, B, S)), rng.normal(size=(E, B))
+    eps_r, eps_g = moma_ppo.epistemic_uncertainty(torch.as_tensor(next_states), torch.as_tensor(rewards))
+    for b in range(B):
+        x = np.concatenate([next_states[:, b], rewards[:, b, None]], 1)  # [E, S + 1]
+        assert eps_r[b].item() == pytest.approx(np.var(rewards[:, b], ddof=1))
+        assert eps_g[b].item() == pytest.approx(np.linalg.norm(np.cov(x, rowvar=False, ddof=1), "fro"))
+
+
+def test_epistemic_uncertainty_is_zero_when_members_agree():
+    next_states = torch.ones(5, 2, 3)
+    eps_r, eps_g = moma_ppo.epistemic_uncertainty(next_states, torch.zeros(5, 2))
+    assert torch.all(eps_r == 0) and torch.all(eps_g == 0)
+
+
+def _tiny_model(members=5):
+    stats = dict(
+        state_mean=np.zeros(2), state_std=np.ones(2), target_mean=np.zeros(3), target_std=np.ones(3),
+        state_low=np.array([-1.0, -1.0]), state_high=np.array([1.0, 1.0]), reward_low=0.0, reward_high=1.0,
+    )  # fmt: skip
+    return moma_ppo.WorldModel(members, state_dim=2, action_dim=1, hidden=8, layers=1, stats=stats)
+
+
+def test_world_model_step_votes_averages_and_clips(monkeypatch):
+    model = _tiny_model()
+    B = 3
+    # member m predicts a state change of m / 10 in both dims, reward m (mean 2, clipped to 1)
+    change = torch.arange(5.0).view(5, 1, 1).expand(5, B, 2) / 10
+    reward = torch.arange(5.0).view(5, 1, 1).expand(5, B, 1)
+    log_std = torch.full((5, B, 3), -30.0)  # no aleatoric noise
+    logits = torch.tensor([[1.0] * B, [1.0] * B, [1.0] * B, [-1.0] * B, [-1.0] * B])  # 3 of 5 vote terminal
+    logits[:, 0] *= -1  # slot 0: only 2 of 5 vote terminal
+    monkeypatch.setattr(model, "forward", lambda s, a: (torch.cat([change, reward], -1), log_std, logits))
+    states = torch.tensor([[0.0, 0.0], [0.9, 0.9], [-0.5, 0.2]])
+    next_states, rewards, terminals, eps_r, eps_g = model.step(states, torch.zeros(B, 1))
+    assert terminals.tolist() == [False, True, True]
+    torch.testing.assert_close(rewards, torch.ones(B))  # mean 2, clipped to the dataset's max reward 1
+    # the sampled next state is one member's prediction, clipped to the dataset's bounding box
+    members = torch.round((next_states[0] - states[0])[0] * 10)
+    assert 0 <= members <= 4
+    assert torch.all(next_states <= 1.0) and torch.all(next_states >= -1.0)
+    assert torch.all(next_states[1] <= 1.0)
+    torch.testing.assert_close(eps_r, torch.full((B,), 2.5))  # var(0..4, ddof=1)
+
+
+def test_world_model_keep_selects_members():
+    model = _tiny_model(members=7)
+    weight = model.net[0].weight.detach().clone()
+    model.keep(torch.tensor([6, 2]))
+    torch.testing.assert_close(model.net[0].weight.detach(), weight[[6, 2]])
+    mean, log_std, logit = model(torch.zeros(2, 4, 2), torch.zeros(2, 4, 1))
+    assert mean.shape == log_std.shape == (2, 4, 3) and logit.shape == (2, 4)
+
+
+def test_mixed_value_weights_are_non_negative():
+    value = moma_ppo.MixedValue(3, 4, 5, 16, np.zeros((3, 4)), np.ones((3, 4)), np.zeros(5), np.ones(5))
+    obs, states = torch.randn(3, 10, 4), torch.randn(10, 5)
+    mix = value.mixer(states)
+    agent_values = value.agent_values(obs).squeeze(-1)
+    expected = (mix[:, :3].abs() * agent_values.T).sum(-1) + mix[:, 3]
+    torch.testing.assert_close(value(obs, states), expected)
