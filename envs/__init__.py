@@ -34,8 +34,22 @@ def _coordination(obs: str):
     return CoordinationGame()
 
 
+def _reacher(obs: str):
+    from envs.reacher import TwoAgentReacher
+
+    return TwoAgentReacher(obs)
+
+
+def _ant(obs: str):
+    from envs.ant import FourAgentAnt
+
+    return FourAgentAnt(obs)
+
+
 TASKS: dict[str, tuple[tuple[str, ...], str, Callable]] = {
     "coordination": (("fo",), "fo", _coordination),
+    "reacher": (("all-observant", "independent", "leader-only"), "all-observant", _reacher),
+    "ant": (("fo", "po"), "fo", _ant),
 }
 
 

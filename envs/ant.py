@@ -1,0 +1,42 @@
+"""Four-agent Ant (paper section 5.3, Figure 3c) on Gymnasium's Ant-v5.
+
+The global state is Ant-v5's 27-dim observation without contact forces (qpos[2:] then
+qvel), the same layout as the first 27 dims of D4RL's ant:
+
+    0 torso z, 1-4 torso orientation (quaternion), 5-12 joint angles,
+    13-15 torso velocity, 16-18 torso angular velocity, 19-26 joint velocities
+
+Each agent drives one leg (hip and ankle) and observes that same leg's joint angles and
+velocities. Agent 0 is the front-left leg (the paper's yellow agent): under partial
+observability (`po`) it alone also sees the torso. The paper's released code pairs some
+agents' observed leg with another leg's actuators; here each agent sees the leg it drives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs.mujoco import MujocoTeam
+
+TORSO = [0, 1, 2, 3, 4, 13, 14, 15, 16, 17, 18]
+LEGS = {  # leg -> (actuators, observed state components)
+    "front_left": ([2, 3], [5, 6, 19, 20]),
+    "front_right": ([4, 5], [7, 8, 21, 22]),
+    "back_left": ([6, 7], [9, 10, 23, 24]),
+    "back_right": ([0, 1], [11, 12, 25, 26]),
+}
+
+
+class FourAgentAnt(MujocoTeam):
+    gym_id = "Ant-v5"
+    gym_kwargs = {"include_cfrc_ext_in_observation": False}
+    actuators = np.array([acts for acts, _ in LEGS.values()])
+    observation_settings = {
+        "fo": [list(range(27))] * 4,
+        "po": [TORSO + LEGS["front_left"][1]] + [obs for _, obs in list(LEGS.values())[1:]],
+    }
+
+    def _set_sim_state(self, state: np.ndarray) -> None:
+        # the x-y position is not part of the state; the reward only uses its change
+        qpos = np.concatenate([np.zeros(2), state[:13]])
+        self.env.unwrapped.set_state(qpos, state[13:27])
