@@ -28,6 +28,7 @@ import math
 import random
 import sys
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -402,7 +403,7 @@ def main(args: Args) -> dict:
     value = MixedValue(env.n_agents, env.obs_dim, env.state_dim, args.hidden, obs_mean, obs_std, state_mean, state_std).to(device)
     world_model = train_world_model(args, dataset, policies.encode, device, writer, generator)
     optimizer = torch.optim.Adam([*policies.parameters(), *value.parameters()], lr=args.learning_rate)
-    entropy_alpha = torch.zeros(env.n_agents, 1, device=device)  # one temperature per agent
+    entropy_alpha = torch.zeros(env.n_agents, device=device)  # one temperature per agent
 
     start_states = torch.as_tensor(dataset.states, device=device)
     k, b = args.rollout_length, args.rollout_batch
@@ -415,7 +416,7 @@ def main(args: Args) -> dict:
     for step in range(1, args.total_steps + 1):
         # -- synthetic rollouts through the world model, all slots and agents at once --
         states = start_states[torch.randint(len(start_states), (b,), device=device, generator=generator)]
-        buffer = {key: [] for key in ("states", "actions", "log_probs", "rewards", "masks", "timeout_masks", "next_states")}
+        buffer = defaultdict(list)
         with torch.no_grad():
             for t in range(k):
                 dist = policies.distribution(env.observe(states).transpose(0, 1))  # obs [N, b, O]
@@ -423,7 +424,11 @@ def main(args: Args) -> dict:
                 next_states, reward, terminal, eps_r, eps_g = world_model.step(states, policies.encode(actions.T), generator)
                 timeout = (eps_g >= args.l_eps) | (t == k - 1)
                 penalty = args.lambda_r * eps_r.clamp(max=args.l_eps) + args.lambda_g * eps_g.clamp(max=args.l_eps)
-                for key, x in zip(buffer, (states, actions, dist.log_prob(actions), reward - penalty, 1.0 - terminal.float(), 1.0 - timeout.float(), next_states)):
+                transition = dict(
+                    states=states, actions=actions, log_probs=dist.log_prob(actions), rewards=reward - penalty,
+                    masks=1.0 - terminal.float(), timeout_masks=1.0 - timeout.float(), next_states=next_states,
+                )  # fmt: skip
+                for key, x in transition.items():
                     buffer[key].append(x)
                 # a finished slot restarts from a fresh dataset state
                 fresh = start_states[torch.randint(len(start_states), (b,), device=device, generator=generator)]
@@ -452,9 +457,9 @@ def main(args: Args) -> dict:
                 policy_loss = -torch.min(ratio * adv, clipped_ratio * adv).mean(1).sum()
                 # appendix A: entropy estimated as E_old[-ratio * log pi_new], clipped like the objective
                 entropy = torch.min(-(ratio * log_probs).mean(1), -(clipped_ratio * log_probs).mean(1))  # [N]
-                entropy_alpha += args.entropy_lr * (args.entropy_target - entropy.detach()[:, None])
+                entropy_alpha += args.entropy_lr * (args.entropy_target - entropy.detach())
                 entropy_alpha.clamp_(min=0.0)
-                entropy_bonus = -(entropy * entropy_alpha[:, 0]).sum()
+                entropy_bonus = -(entropy * entropy_alpha).sum()
                 value_loss = ((value(flat_obs[:, idx], flat_states[idx]) - flat_returns[idx]) ** 2).mean()
                 loss = policy_loss + args.critic_coef * value_loss + entropy_bonus
                 optimizer.zero_grad()
