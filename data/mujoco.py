@@ -1,0 +1,129 @@
+"""Datasets of the MuJoCo tasks, collected with the committed behaviour policies (issue #3).
+
+    ant:      random, medium, full-replay, expert   (D4RL's definitions, see DATASETS)
+    reacher:  expert-mix   (half from a team bending its elbow one way, half from its mirror image)
+
+Collection runs `num_envs` simulators at once with the policy's actions sampled (as D4RL's
+data was), records D4RL's file layout, and marks `timeouts` at the time limit and
+`terminals` when the robot falls.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from data.behaviour import GYM_IDS, BehaviourPolicy, load_policy
+
+POLICIES = Path(__file__).parent / "policies"
+DATASETS = {
+    "ant": {
+        "random": "the randomly initialised policy (step 0 of the training run)",
+        "medium": "the training snapshot whose return is closest to a third of the expert's",
+        "full-replay": "every training snapshot, each for an equal share: the run's experience from random to expert",
+        "expert": "the final training snapshot",
+    },
+    "reacher": {"expert-mix": "equal parts of a team bending its elbow up and of its mirror image bending it down"},
+}
+DEFAULT_SIZE = 1_000_000
+
+
+class MirroredReacherPolicy:
+    """The mirror image of a Reacher policy about the x axis: angles, the target's y and torques flip sign.
+
+    Reacher is symmetric under this reflection, so the mirrored team is as good as the original
+    and bends its elbow the other way, by construction.
+    """
+
+    # Reacher-v5 observation: cos q0, cos q1, sin q0, sin q1, target x, target y, dq0, dq1, tip-target x, y
+    FLIP = np.array([1, 1, -1, -1, 1, -1, -1, -1, 1, -1], dtype=np.float32)
+
+    def __init__(self, policy: BehaviourPolicy):
+        self.policy = policy
+
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        return -self.policy.act(obs * self.FLIP, deterministic)
+
+
+def snapshots(name: str) -> list[Path]:
+    paths = sorted((POLICIES / name).glob("step_*.pt"))
+    if not paths:
+        sys.exit(f"error: no behaviour policies in {POLICIES / name}; train them with data/behaviour.py")
+    return paths
+
+
+def collect(task: str, policies: list, steps_each: list[int], seed: int, num_envs: int = 16, progress: str = "") -> dict:
+    """Roll out each policy for its number of steps; returns D4RL-layout arrays."""
+    gym_id, kwargs = GYM_IDS[task]
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(gym_id, **kwargs) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+    torch.manual_seed(seed)
+    columns = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
+    total, done_steps, start = sum(steps_each), 0, time.time()
+    for p, (policy, steps) in enumerate(zip(policies, steps_each)):
+        # each policy starts fresh episodes, so that every episode in the file has one behaviour policy
+        obs, _ = envs.reset(seed=seed + p)
+        collected = 0
+        while collected < steps:
+            action = policy.act(obs)
+            next_obs, reward, terminated, truncated, info = envs.step(action)
+            real_next = next_obs.copy()
+            ended = terminated | truncated
+            if ended.any():  # with same-step autoreset, next_obs is the new episode's first state
+                real_next[ended] = np.stack(info["final_obs"][ended])
+            for key, value in zip(columns, (obs, action, reward, real_next, terminated, truncated)):
+                columns[key].append(value.copy())
+            obs = next_obs
+            collected += num_envs
+            done_steps += num_envs
+            if progress and done_steps % (num_envs * 2000) < num_envs:
+                rate = done_steps / (time.time() - start)
+                print(f"\r{progress}: {done_steps}/{total} transitions, {rate:.0f}/s", end="", file=sys.stderr, flush=True)
+        # the last, unfinished episode of each environment is cut with a time-out
+        columns["timeouts"][-1] = columns["timeouts"][-1] | ~columns["terminals"][-1]
+    if progress:
+        print(file=sys.stderr)
+    # [steps, envs, ...] -> one environment's episodes after another, cut to the size asked for
+    out = {k: np.stack(v).swapaxes(0, 1).reshape(-1, *np.shape(v[0])[1:])[:total] for k, v in columns.items()}
+    out["timeouts"][-1] |= ~out["terminals"][-1]
+    return {
+        "observations": out["observations"].astype(np.float32),
+        "actions": out["actions"].astype(np.float32),
+        "rewards": out["rewards"].astype(np.float32),
+        "next_observations": out["next_observations"].astype(np.float32),
+        "terminals": out["terminals"].astype(bool),
+        "timeouts": out["timeouts"].astype(bool),
+    }
+
+
+def build(task: str, name: str, size: int = DEFAULT_SIZE, seed: int = 0) -> dict:
+    if task == "reacher":
+        policy = load_policy(snapshots("reacher-elbow+1")[-1])
+        half = size // 2
+        return _concat(
+            collect(task, [policy], [half], seed, progress="reacher expert-mix, elbow up"),
+            collect(task, [MirroredReacherPolicy(policy)], [size - half], seed + 1, progress="reacher expert-mix, elbow down"),
+        )
+    paths = snapshots("ant")
+    if name == "random":
+        chosen = [paths[0]]
+    elif name == "expert":
+        chosen = [paths[-1]]
+    elif name == "medium":  # returns measured while training (last 50 episodes before the snapshot)
+        returns = {p: torch.load(p, weights_only=True)["training_return"] or 0.0 for p in paths}
+        chosen = [min(paths, key=lambda p: abs(returns[p] - returns[paths[-1]] / 3))]
+    else:  # full-replay
+        chosen = paths
+    shares = np.full(len(chosen), size // len(chosen))
+    shares[: size - shares.sum()] += 1
+    return collect(task, [load_policy(p) for p in chosen], list(shares), seed, progress=f"ant {name}")
+
+
+def _concat(a: dict, b: dict) -> dict:
+    return {k: np.concatenate([a[k], b[k]]) for k in a}
