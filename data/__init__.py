@@ -60,22 +60,30 @@ class Dataset:
 
 
 def _builders():
-    from data import coordination
+    """task -> (dataset names, build(task, name, size) -> D4RL-layout arrays)."""
+    from data import coordination, mujoco
 
-    return {"coordination": (coordination.BEHAVIOUR, coordination.build)}
+    return {
+        "coordination": (coordination.BEHAVIOUR, lambda task, name, size: coordination.build(name, episodes=(size or 10_000) // 10)),
+        "reacher": (mujoco.DATASETS["reacher"], lambda task, name, size: mujoco.build(task, name, size or mujoco.DEFAULT_SIZE)),
+        "ant": (mujoco.DATASETS["ant"], lambda task, name, size: mujoco.build(task, name, size or mujoco.DEFAULT_SIZE)),
+    }
 
 
 def dataset_names(task: str) -> tuple[str, ...]:
     return tuple(_builders().get(task, ({}, None))[0])
 
 
-def load(env, dataset: str) -> Dataset:
-    """Load dataset `dataset` of `env`'s task: a name the project builds, or a .npz / .hdf5 path."""
-    raw = read_file(dataset_path(env.task, dataset))
+def load(env, dataset: str, size: int | None = None) -> Dataset:
+    """Load dataset `dataset` of `env`'s task: a name the project builds, or a .npz / .hdf5 path.
+
+    `size` (transitions) builds a smaller or larger version of a named dataset, e.g. for tests.
+    """
+    raw = read_file(dataset_path(env.task, dataset, size))
     return to_multi_agent(raw, env, source=dataset)
 
 
-def dataset_path(task: str, dataset: str) -> Path:
+def dataset_path(task: str, dataset: str, size: int | None = None) -> Path:
     """The file of a named dataset (built and cached on first use), or the path given."""
     if dataset.endswith((".npz", ".hdf5", ".h5")):
         path = Path(dataset).expanduser()
@@ -87,12 +95,12 @@ def dataset_path(task: str, dataset: str) -> Path:
         raise UserInputError(
             f"unknown dataset '{dataset}' for task '{task}'; choose one of: {', '.join(names)}, or pass a .npz/.hdf5 file"
         )
-    path = CACHE_DIR / f"{task}-{dataset}.npz"
+    path = CACHE_DIR / (f"{task}-{dataset}.npz" if size is None else f"{task}-{dataset}-{size}.npz")
     if not path.exists():
         build = _builders()[task][1]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")  # written whole, then renamed: a crash leaves no half file
-        np.savez_compressed(tmp, **build(dataset))
+        np.savez_compressed(tmp, **build(task, dataset, size))
         tmp.replace(path)
     return path
 
@@ -132,6 +140,9 @@ def to_multi_agent(raw: dict[str, np.ndarray], env, source: str = "dataset") -> 
             raise UserInputError(f"{source} has NaN or infinite values in '{key}' ({bad} rows); clean or regenerate it")
     states = np.asarray(raw["observations"], dtype=np.float32)
     next_states = np.asarray(raw["next_observations"], dtype=np.float32)
+    if getattr(env, "d4rl_state_prefix", False) and states.ndim == 2 and states.shape[1] > env.state_dim:
+        # D4RL's ant appends contact forces to the 27 dims our global state is made of
+        states, next_states = states[:, : env.state_dim], next_states[:, : env.state_dim]
     if states.ndim != 2 or states.shape[1] != env.state_dim or next_states.shape != states.shape:
         raise UserInputError(
             f"{source} has observations of shape {states.shape} and next_observations of shape {next_states.shape}; "

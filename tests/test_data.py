@@ -94,3 +94,22 @@ def test_rejects_unknown_names_and_missing_files(env, tmp_path):
     (tmp_path / "garbage.npz").write_text("not a zip file")
     with pytest.raises(envs.UserInputError, match="cannot read"):
         data.load(env, str(tmp_path / "garbage.npz"))
+
+
+def test_reads_a_d4rl_ant_hdf5_file(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    env = envs.make("ant", "po")
+    rng = np.random.default_rng(0)
+    T = 30
+    observations = rng.normal(size=(T + 1, 111)).astype(np.float32)  # D4RL ant: 27 dims + contact forces
+    actions = rng.uniform(-1, 1, size=(T, 8)).astype(np.float32)
+    with h5py.File(tmp_path / "ant-medium-v2.hdf5", "w") as f:
+        f["observations"], f["next_observations"] = observations[:-1], observations[1:]
+        f["actions"], f["rewards"] = actions, rng.normal(size=T).astype(np.float32)
+        f["terminals"], f["timeouts"] = np.zeros(T, bool), np.arange(T) == T - 1
+        f.create_group("infos")["qpos"] = np.zeros((T, 15))  # groups are ignored
+    ds = data.load(env, str(tmp_path / "ant-medium-v2.hdf5"))
+    np.testing.assert_array_equal(ds.states, observations[:-1, :27])
+    np.testing.assert_array_equal(ds.actions[:, 0], actions[:, [2, 3]])  # agent 0 drives the front-left leg
+    assert ds.observations.shape == (T, 4, 15)
+    np.testing.assert_array_equal(ds.observations[:, 1, :4], observations[:-1, [7, 8, 21, 22]])
