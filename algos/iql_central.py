@@ -1,0 +1,293 @@
+# Centralized Implicit Q-Learning (IQL, Kostrikov et al. 2022), the centralized-execution
+# upper bound of the paper (section 5.1, Table 3 "IQL").
+#
+# One single agent sees the global state and picks the JOINT action of the team, so there is
+# no strategy agreement problem to solve: any greedy joint action is coordinated by
+# construction. IQL learns V(s) as the `expectile` of the target Q(s, a) over the dataset's
+# actions (eq. 1 of Appendix A), Q(s, a) by SARSA-style regression on r + gamma V(s') (eq. 2),
+# and extracts the policy by advantage-weighted regression (AWR, eq. 3).
+#
+# Categorical actions: the joint action is one of n_actions ** n_agents combinations, indexed
+# by the mixed-radix number whose digit i (weight n_actions ** i) is agent i's action; the Q
+# network outputs one value per joint action and the policy is categorical over them.
+#
+# Differences from the paper / the official implementation: the policy is categorical (the
+# paper's IQL uses tanh-Gaussians on continuous tasks, which come later); as in CORL's IQL,
+# the advantage and the Q target use V before this step's V update, so that the three losses
+# come from one batch and are minimised with one backward pass (their parameters are disjoint).
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # envs/ and data/, without installing
+import data  # noqa: E402
+import envs  # noqa: E402
+
+
+@dataclass
+class Args:
+    task: str = "coordination"
+    """environment: coordination"""
+    obs: str | None = None
+    """observation setting (default: the task's first one; coordination has only `fo`); unused by the
+    centralized agent, which sees the global state, but part of the run name"""
+    dataset: str = "unfavorable"
+    """dataset name (coordination: favorable, neutral, unfavorable) or a .npz/.hdf5 file"""
+    seed: int = 0
+    """seed of everything random in the run"""
+    total_steps: int | None = None
+    """gradient steps (default: per task, see TASK_DEFAULTS)"""
+    eval_every: int | None = None
+    """evaluate every this many steps, 0 for only at the end (default: per task)"""
+    eval_episodes: int = 100
+    """episodes per evaluation (greedy joint actions)"""
+    cuda: bool = False
+    """use the GPU when one is available"""
+    runs_dir: str = "runs"
+    """where the run folder (logs, model, result.json) is written"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of the Q, V and policy networks"""
+    hidden: int | None = None
+    """units in each of the two hidden layers of every network (default: per task; paper 256)"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak coefficient of the target Q networks"""
+    expectile: float = 0.7
+    """expectile of the target Q that V regresses to (0.5: the mean, i.e. SARSA)"""
+    beta: float = 3.0
+    """AWR inverse temperature: the policy imitates the data with weights exp(beta * advantage)"""
+    max_weight: float = 100.0
+    """upper clip of the AWR weights exp(beta * advantage)"""
+    max_grad_norm: float = 1.0
+    """gradient norm clip, applied to each network (Q, V, policy) separately"""
+
+
+# Defaults that depend on the task, used for every field left at None.
+TASK_DEFAULTS = {
+    # coordination: every seed and dataset has converged to 1.0 by step 200; 600 leaves margin.
+    # 64 units as in every script on this task (two actions, a 1-d state).
+    "coordination": dict(total_steps=600, eval_every=0, hidden=64),
+}
+MAX_JOINT_ACTIONS = 4096  # the Q network has one output per joint action
+
+
+class BatchedLinear(nn.Module):
+    """Several independent linear layers applied as one batched matmul: [E, B, in] -> [E, B, out]."""
+
+    def __init__(self, members: int, fan_in: int, fan_out: int):
+        super().__init__()
+        bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialisation, for each member
+        self.weight = nn.Parameter(torch.empty(members, fan_in, fan_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def mlp(fan_in: int, hidden: int, fan_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(fan_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, fan_out))
+
+
+class TwinQ(nn.Module):
+    """Two Q networks as one batched network: normalised states [B, S] -> Q of every joint action [2, B, J]."""
+
+    def __init__(self, state_dim: int, n_joint: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            BatchedLinear(2, state_dim, hidden), nn.ReLU(),
+            BatchedLinear(2, hidden, hidden), nn.ReLU(),
+            BatchedLinear(2, hidden, n_joint),
+        )  # fmt: skip
+
+    def forward(self, states: torch.Tensor, joint_actions: torch.Tensor) -> torch.Tensor:
+        """Q-values [2, B] of the joint actions [B] taken in the states [B, S]."""
+        q = self.net(states.expand(2, *states.shape))
+        return q.gather(-1, joint_actions.expand(2, -1).unsqueeze(-1)).squeeze(-1)
+
+
+class CategoricalHead:
+    """Categorical actions over `n` choices, parametrised by n logits. The policy's swappable part:
+    a Gaussian head for continuous tasks would provide the same three members."""
+
+    def __init__(self, n: int):
+        self.n_params = n
+
+    def log_prob(self, logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(logits, -1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
+
+class Policy(nn.Module):
+    """Centralized policy: global states [B, S] -> parameters of the joint-action distribution."""
+
+    def __init__(self, state_dim: int, head: CategoricalHead, hidden: int, state_mean, state_std):
+        super().__init__()
+        self.head = head
+        self.register_buffer("state_mean", torch.as_tensor(state_mean))  # [S], for `act` (training batches
+        self.register_buffer("state_std", torch.as_tensor(state_std))  # are normalised once, up front)
+        self.net = mlp(state_dim, hidden, head.n_params)
+
+    def log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Log-likelihood [B] of the actions taken in the normalised states [B, S]."""
+        return self.head.log_prob(self.net(states), actions)
+
+    @torch.no_grad()
+    def act(self, state: np.ndarray) -> int:
+        """Greedy joint action of a raw global state [S]."""
+        state = (torch.as_tensor(state, device=self.state_mean.device) - self.state_mean) / self.state_std
+        return int(self.head.greedy(self.net(state.unsqueeze(0)))[0])
+
+
+def main(args: Args) -> dict:
+    for key, value in TASK_DEFAULTS.get(args.task, {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    start_time = time.time()
+    env = envs.make(args.task, args.obs)
+    dataset = data.load(env, args.dataset)
+    if env.n_actions is None:
+        raise envs.UserInputError(f"iql_central.py supports categorical actions only so far; task '{args.task}' is continuous")
+    n_joint = env.n_actions**env.n_agents
+    if n_joint > MAX_JOINT_ACTIONS:
+        raise envs.UserInputError(
+            f"task '{args.task}' has {n_joint} joint actions ({env.n_actions} per agent, {env.n_agents} agents); "
+            f"iql_central.py enumerates them and handles at most {MAX_JOINT_ACTIONS}"
+        )
+    run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__iql_central__{args.seed}__{int(start_time)}"
+    run_dir = Path(args.runs_dir) / run_name
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    # The whole dataset on the device, states normalised once here rather than in every step.
+    state_mean, state_std = dataset.stats("states")
+    states = torch.as_tensor((dataset.states - state_mean) / state_std, device=device)
+    next_states = torch.as_tensor((dataset.next_states - state_mean) / state_std, device=device)
+    radix = env.n_actions ** torch.arange(env.n_agents, device=device)  # agent i's digit has weight n_actions**i
+    joint_actions = (torch.as_tensor(dataset.actions, device=device) * radix).sum(-1)  # [T]
+    rewards = torch.as_tensor(dataset.rewards, device=device)
+    not_done = 1.0 - torch.as_tensor(dataset.terminals, dtype=torch.float32, device=device)
+
+    qf = TwinQ(env.state_dim, n_joint, args.hidden).to(device)
+    qf_target = TwinQ(env.state_dim, n_joint, args.hidden).to(device)
+    qf_target.load_state_dict(qf.state_dict())
+    qf_target.requires_grad_(False)
+    vf = mlp(env.state_dim, args.hidden, 1).to(device)
+    policy = Policy(env.state_dim, CategoricalHead(n_joint), args.hidden, state_mean, state_std).to(device)
+    q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.learning_rate, fused=True)
+    v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.learning_rate, fused=True)
+    policy_optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
+    optimizers = {"q": (q_optimizer, qf), "v": (v_optimizer, vf), "policy": (policy_optimizer, policy)}
+
+    radix_np = radix.cpu().numpy()
+
+    def act(observations: np.ndarray) -> np.ndarray:
+        # Centralized execution, the point of this baseline: the agents' own observations are
+        # ignored and the single controller reads the global state of the environment instead.
+        return policy.act(env.state()) // radix_np % env.n_actions  # the joint action's digits
+
+    def evaluate() -> tuple[float, float]:
+        returns = envs.evaluate(env, act, args.eval_episodes, seed=args.seed)
+        return float(returns.mean()), data.normalized_score(args.task, returns)
+
+    print(f"{run_name}: {len(dataset)} transitions, {n_joint} joint actions, {args.total_steps} steps on {device}", flush=True)
+    for step in range(1, args.total_steps + 1):
+        idx = torch.randint(len(dataset), (args.batch_size,), device=device)
+        s, a = states[idx], joint_actions[idx]
+        with torch.no_grad():
+            target_q = qf_target(s, a).min(0).values  # [B], the min of the twins as in IQL
+            next_v = vf(next_states[idx]).squeeze(-1)
+            q_backup = rewards[idx] + args.gamma * not_done[idx] * next_v
+
+        # V: expectile regression on the target Q of the dataset's joint actions (eq. 1)
+        v = vf(s).squeeze(-1)
+        diff = target_q - v
+        v_loss = (torch.abs(args.expectile - (diff < 0).float()) * diff.square()).mean()
+        # Q: both twins regress on r + gamma V(s') (eq. 2)
+        q = qf(s, a)  # [2, B]
+        q_loss = (q - q_backup).square().mean(1).sum()
+        # policy: advantage-weighted regression on the dataset's joint actions (eq. 3)
+        weights = torch.exp(args.beta * diff.detach()).clamp(max=args.max_weight)
+        policy_loss = -(weights * policy.log_prob(s, a)).mean()
+
+        for optimizer, _ in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        (v_loss + q_loss + policy_loss).backward()  # disjoint parameters: the same as three backward passes
+        for optimizer, net in optimizers.values():
+            nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm, foreach=True)
+            optimizer.step()
+        with torch.no_grad():
+            for p, p_target in zip(qf.parameters(), qf_target.parameters()):
+                p_target.lerp_(p, args.tau)
+
+        if step % 100 == 0:
+            writer.add_scalar("losses/q_loss", q_loss.item(), step)
+            writer.add_scalar("losses/v_loss", v_loss.item(), step)
+            writer.add_scalar("losses/policy_loss", policy_loss.item(), step)
+            writer.add_scalar("losses/q_values", q.mean().item(), step)
+            writer.add_scalar("losses/v_values", v.mean().item(), step)
+            writer.add_scalar("losses/advantage", diff.mean().item(), step)
+            writer.add_scalar("charts/SPS", int(step / (time.time() - start_time)), step)
+        if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+            ret, score = evaluate()
+            writer.add_scalar("eval/return", ret, step)
+            writer.add_scalar("eval/normalized_score", score, step)
+            print(f"step {step}: return {ret:.2f}, normalized score {score:.3f}", flush=True)
+
+    ret, score = evaluate()
+    writer.add_scalar("eval/return", ret, args.total_steps)
+    writer.add_scalar("eval/normalized_score", score, args.total_steps)
+    writer.close()
+    torch.save(
+        {
+            "args": asdict(args),
+            "qf": qf.state_dict(),
+            "qf_target": qf_target.state_dict(),
+            "vf": vf.state_dict(),
+            "policy": policy.state_dict(),  # includes the state normalisation statistics
+            "q_optimizer": q_optimizer.state_dict(),
+            "v_optimizer": v_optimizer.state_dict(),
+            "policy_optimizer": policy_optimizer.state_dict(),
+            "state_mean": torch.as_tensor(state_mean),  # tensors, so that torch.load(weights_only=True) works
+            "state_std": torch.as_tensor(state_std),
+            "step": args.total_steps,
+            "rng": torch.get_rng_state(),  # the only generator the training draws from
+        },
+        run_dir / "model.pt",
+    )
+    result = {
+        "task": args.task, "obs": env.obs_setting, "dataset": args.dataset, "algo": "iql_central", "seed": args.seed,
+        "normalized_score": score, "return": ret, "eval_episodes": args.eval_episodes,
+        "total_steps": args.total_steps, "wall_seconds": time.time() - start_time, "device": str(device),
+    }  # fmt: skip
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"return {ret:.3f}, results in {run_dir}")
+    print(f"normalized_score: {score:.4f}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except envs.UserInputError as error:
+        sys.exit(f"error: {error}")
