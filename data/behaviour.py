@@ -74,6 +74,10 @@ class Args:
     """environment steps between policy snapshots in data/policies/"""
     threads: int = 1
     """torch threads (1 leaves the other core to the simulators or another job)"""
+    runs_dir: str = "runs/behaviour"
+    """where the resumable checkpoint goes (relative paths: from the repository root)"""
+    policies_dir: str = "data/policies"
+    """where the small policy snapshots go, to be committed"""
 
 
 class RunningStats:
@@ -138,7 +142,7 @@ def main(args: Args) -> None:
     if args.task not in GYM_IDS:
         sys.exit(f"error: unknown task '{args.task}'; choose one of: {', '.join(GYM_IDS)}")
     name = args.name or (args.task if args.task == "ant" or args.elbow == 0 else f"reacher-elbow{args.elbow:+d}")
-    run_dir, snapshot_dir = ROOT / "runs" / "behaviour" / name, ROOT / "data" / "policies" / name
+    run_dir, snapshot_dir = ROOT / args.runs_dir / name, ROOT / args.policies_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
     snapshot_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1,0 +1,77 @@
+"""Behaviour-policy training and MuJoCo dataset collection, on tiny budgets."""
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import envs
+from data import behaviour, mujoco
+
+
+def test_running_stats_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(1000, 4))
+    stats = behaviour.RunningStats(4)
+    for chunk in np.array_split(x, 7):
+        stats.update(chunk)
+    np.testing.assert_allclose(stats.mean, x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats.var, x.var(0), rtol=1e-3)
+
+
+def test_training_snapshots_and_resumes(tmp_path, capsys):
+    common = dict(task="reacher", elbow=1, num_envs=2, num_steps=16, minibatches=2, epochs=1, hidden=16,
+                  snapshot_every=64, runs_dir=str(tmp_path / "runs"), policies_dir=str(tmp_path / "policies"))  # fmt: skip
+    behaviour.main(behaviour.Args(total_steps=64, **common))
+    behaviour.main(behaviour.Args(total_steps=128, **common))  # picks up the checkpoint
+    assert "resuming reacher-elbow+1 at step 64" in capsys.readouterr().out
+    steps = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "policies" / "reacher-elbow+1").glob("step_*.pt"))
+    assert steps[0] == 0 and steps[-1] == 128
+    policy = behaviour.load_policy(tmp_path / "policies" / "reacher-elbow+1" / "step_000000128.pt")
+    assert policy.act(np.zeros((3, 10), dtype=np.float32)).shape == (3, 2)
+
+
+def test_mirrored_reacher_team_is_the_mirror_image():
+    # Reacher is symmetric about the x axis: the mirrored policy started from the mirrored
+    # state produces the mirrored trajectory, so it bends its elbow the opposite way.
+    torch.manual_seed(0)
+    policy = behaviour.BehaviourPolicy(10, 2, 16)
+    mirrored = mujoco.MirroredReacherPolicy(policy)
+    env, mirror_env = envs.make("reacher"), envs.make("reacher")
+    env.reset(seed=0)
+    mirror_env.reset(seed=0)
+    mirror_env.set_state(env.state() * mujoco.MirroredReacherPolicy.FLIP)
+    for _ in range(20):
+        s, ms = env.state(), mirror_env.state()
+        np.testing.assert_allclose(ms, s * mujoco.MirroredReacherPolicy.FLIP, atol=1e-4)
+        a = policy.act(s, deterministic=True)
+        ma = mirrored.act(ms, deterministic=True)
+        env.step({"agent_0": a[:1], "agent_1": a[1:]})
+        mirror_env.step({"agent_0": ma[:1], "agent_1": ma[1:]})
+
+
+def test_collect_writes_a_valid_dataset(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "ant"
+    folder.mkdir()
+    for step, ret in [(0, -50.0), (1000, 300.0), (2000, 1000.0)]:
+        policy = behaviour.BehaviourPolicy(27, 8, 8)
+        torch.save({"policy": policy.state_dict(), "obs_dim": 27, "act_dim": 8, "hidden": 8, "step": step,
+                    "training_return": ret, "task": "ant", "elbow": 0}, folder / f"step_{step:09d}.pt")  # fmt: skip
+    monkeypatch.setattr(mujoco, "POLICIES", tmp_path)
+    raw = mujoco.build("ant", "full-replay", size=600)
+    assert len(raw["rewards"]) == 600
+    ends = raw["terminals"] | raw["timeouts"]
+    assert ends[-1]
+    continuing = ~ends[:-1]
+    np.testing.assert_array_equal(raw["next_observations"][:-1][continuing], raw["observations"][1:][continuing])
+    ds = data.to_multi_agent(raw, envs.make("ant", "po"))
+    assert ds.actions.shape == (600, 4, 2) and ds.observations.shape == (600, 4, 15)
+    # medium: the snapshot closest to a third of the last one's return (1000 / 3 -> 300)
+    chosen = []
+    monkeypatch.setattr(mujoco, "collect", lambda task, policies, steps, seed, **kw: chosen.append((policies, steps)) or {})
+    monkeypatch.setattr(mujoco, "load_policy", lambda p: p.name)
+    mujoco.build("ant", "medium", size=10)
+    mujoco.build("ant", "random", size=10)
+    mujoco.build("ant", "expert", size=10)
+    assert chosen == [(["step_000001000.pt"], [10]), (["step_000000000.pt"], [10]), (["step_000002000.pt"], [10])]
