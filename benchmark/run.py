@@ -1,0 +1,176 @@
+"""Run a grid of the paper's experiments and write its results table.
+
+    python benchmark/run.py --table 3 --seeds 10     # Table 3: the Iterated Coordination Game
+
+Each run is one call of a script's main() inside a worker process (one worker per core,
+one torch thread each), so the scripts' import time is paid once per worker. Every
+finished run is appended at once to benchmark/results/table{N}.csv (one row per run):
+an interrupted grid resumes where it stopped, skipping the rows already there
+(--overwrite starts over). The markdown table (mean ± standard error over seeds, the
+paper's numbers beside ours) is written to benchmark/results/table{N}.md and into
+README.md between the table's markers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmark" / "results"
+COLUMNS = ["algo", "task", "obs", "dataset", "seed", "normalized_score", "return", "wall_seconds", "device", "total_steps"]
+
+# table -> (task, algorithms (script, column title), datasets (name, row title), paper's numbers)
+TABLES = {
+    "3": dict(
+        task="coordination",
+        algos=[("iql_central", "IQL (centralized)"), ("maiql", "MAIQL"), ("ibc", "IBC"), ("moma_ppo", "MOMA-PPO")],
+        datasets=[("favorable", "fav."), ("neutral", "neutral"), ("unfavorable", "unfav.")],
+        paper={  # paper Table 3: mean ± standard error over 10 seeds
+            ("iql_central", "favorable"): "1.0 ± 0.0", ("iql_central", "neutral"): "1.0 ± 0.0", ("iql_central", "unfavorable"): "1.0 ± 0.0",
+            ("maiql", "favorable"): "1.0 ± 0.0", ("maiql", "neutral"): "0.9 ± 0.1", ("maiql", "unfavorable"): "0.0 ± 0.0",
+            ("ibc", "favorable"): "1.0 ± 0.0", ("ibc", "neutral"): "0.55 ± 0.11", ("ibc", "unfavorable"): "0.0 ± 0.0",
+            ("moma_ppo", "favorable"): "1.0 ± 0.0", ("moma_ppo", "neutral"): "1.0 ± 0.0", ("moma_ppo", "unfavorable"): "1.0 ± 0.0",
+        },  # fmt: skip
+    ),
+}
+
+
+@dataclass
+class Args:
+    table: str = "3"
+    """which table of the paper to run: 3"""
+    seeds: int = 10
+    """seeds 0..seeds-1 for every cell"""
+    workers: int = 2
+    """runs in parallel (one torch thread each); this machine has 2 cores"""
+    algos: tuple[str, ...] = ()
+    """run only these algorithms (script names, e.g. moma_ppo); default: all of the table's"""
+    overwrite: bool = False
+    """discard the existing results of the runs asked for instead of resuming"""
+    tables_only: bool = False
+    """only rebuild the markdown table and README from the existing CSV"""
+
+
+_modules: dict = {}
+
+
+def run_one(job: tuple[str, list[str]]) -> dict:
+    """Worker: run one script's main() with command-line arguments, quietly."""
+    import torch
+
+    torch.set_num_threads(1)
+    script, argv = job
+    if script not in _modules:
+        spec = importlib.util.spec_from_file_location(script, ROOT / "algos" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _modules[script] = module
+    module = _modules[script]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return module.main(tyro.cli(module.Args, args=argv))
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def summary_table(table: str, rows: list[dict]) -> str:
+    spec = TABLES[table]
+    header = "| dataset | " + " | ".join(title for _, title in spec["algos"]) + " |"
+    lines = [header, "|" + "---|" * (len(spec["algos"]) + 1)]
+    for dataset, row_title in spec["datasets"]:
+        cells = []
+        for algo, _ in spec["algos"]:
+            scores = np.array([float(r["normalized_score"]) for r in rows if r["algo"] == algo and r["dataset"] == dataset])
+            if len(scores) == 0:
+                ours = "–"
+            else:
+                sem = scores.std(ddof=1) / np.sqrt(len(scores)) if len(scores) > 1 else float("nan")
+                ours = f"**{scores.mean():.2f} ± {sem:.2f}**"
+            cells.append(f"{ours} ({spec['paper'][(algo, dataset)]})")
+        lines.append(f"| {row_title} | " + " | ".join(cells) + " |")
+    seeds = sorted({int(r["seed"]) for r in rows})
+    seconds = sum(float(r["wall_seconds"]) for r in rows)
+    lines.append("")
+    lines.append(
+        f"Ours in bold: mean ± standard error over seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} seeds) of the normalized "
+        f"score, greedy policies, 100 evaluation episodes; the paper's in brackets. {len(rows)} runs, "
+        f"{seconds / 60:.1f} CPU-minutes in all (`python benchmark/run.py --table {table} --seeds {len(seeds)}`)."
+        if seeds
+        else "No results yet."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(table: str, rows: list[dict]) -> str:
+    text = summary_table(table, rows)
+    (RESULTS / f"table{table}.md").write_text(text)
+    readme = ROOT / "README.md"
+    start, end = f"<!-- table{table}:start -->", f"<!-- table{table}:end -->"
+    if readme.exists() and start in readme.read_text():
+        content = readme.read_text()
+        before, rest = content.split(start, 1)
+        after = rest.split(end, 1)[1]
+        readme.write_text(f"{before}{start}\n{text}{end}{after}")
+    return text
+
+
+def main(args: Args) -> None:
+    if args.table not in TABLES:
+        sys.exit(f"error: unknown table '{args.table}'; choose one of: {', '.join(TABLES)}")
+    spec = TABLES[args.table]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    csv_path = RESULTS / f"table{args.table}.csv"
+    algos = [(a, title) for a, title in spec["algos"] if not args.algos or a in args.algos]
+    rows = read_rows(csv_path)
+    if args.overwrite:  # drop the rows of the algorithms asked for, keep the others
+        rows = [r for r in rows if r["algo"] not in dict(algos)]
+        with csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    if not args.tables_only:
+        done = {(r["algo"], r["dataset"], r["seed"]) for r in rows}
+        jobs = [
+            (algo, ["--task", spec["task"], "--dataset", dataset, "--seed", str(seed)])
+            for seed in range(args.seeds)
+            for dataset, _ in spec["datasets"]
+            for algo, _ in algos
+            if (algo, dataset, str(seed)) not in done
+        ]
+        if len(done):
+            print(f"resuming: {len(done)} runs already in {csv_path.relative_to(ROOT)} (--overwrite to redo them)")
+        start = time.time()
+        new_file = not csv_path.exists()
+        with csv_path.open("a", newline="") as f, mp.get_context("spawn").Pool(args.workers) as pool:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            for i, result in enumerate(pool.imap_unordered(run_one, jobs), 1):
+                writer.writerow(result)
+                f.flush()
+                rows.append({k: str(v) for k, v in result.items()})
+                print(
+                    f"[{i}/{len(jobs)}] {result['algo']:<12} {result['dataset']:<12} seed {result['seed']}: "
+                    f"{result['normalized_score']:.3f} ({result['wall_seconds']:.1f}s, {time.time() - start:.0f}s elapsed)",
+                    flush=True,
+                )
+    print(write_tables(args.table, rows))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
