@@ -61,7 +61,7 @@ class Dataset:
 
 def _builders():
     """task -> (dataset names, build(task, name, size) -> D4RL-layout arrays)."""
-    from data import coordination, mujoco
+    from data import coordination, mujoco_datasets as mujoco
 
     return {
         "coordination": (coordination.BEHAVIOUR, lambda task, name, size: coordination.build(name, episodes=(size or 10_000) // 10)),

@@ -6,11 +6,13 @@ agents afterwards, like D4RL's ant), vectorised over `--num-envs` simulators.
 
     python data/behaviour.py --task ant --total-steps 10_000_000      # resumes if interrupted
 
-Training resumes from `runs/behaviour/{name}/checkpoint.pt` (weights, optimiser, running
-statistics, step, RNG state), so it can span sessions. Every `--snapshot-every` steps the
-policy alone (weights and observation statistics, a few hundred KB) is saved to
-`data/policies/{name}/step_{N}.pt`: these small files are committed, and the datasets
-(random, medium, full-replay, expert) are rebuilt from them.
+Training resumes from `data/policies/{name}/checkpoint.pt` (weights, optimiser, running
+statistics, step, RNG state: about 2 MB, small enough to commit, so a run can span
+sessions and machines). Every `--snapshot-every` steps the policy alone (weights and
+observation statistics) is saved to `data/policies/{name}/step_{N}.pt`; the datasets
+(random, medium, full-replay, expert) are rebuilt from these. Ctrl-C or SIGTERM saves a
+checkpoint before exiting. On a machine with many cores, `--async-envs` steps the
+simulators in parallel processes.
 
 Reacher: `--elbow 1` adds a shaping penalty whenever the elbow angle is negative, so the
 team's arm bends one way by construction; the opposite team is its mirror image.
@@ -19,6 +21,7 @@ team's arm bends one way by construction; the opposite team is its mirror image.
 from __future__ import annotations
 
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -74,10 +77,10 @@ class Args:
     """environment steps between policy snapshots in data/policies/"""
     threads: int = 1
     """torch threads (1 leaves the other core to the simulators or another job)"""
-    runs_dir: str = "runs/behaviour"
-    """where the resumable checkpoint goes (relative paths: from the repository root)"""
+    async_envs: bool = False
+    """step the simulators in parallel processes (worth it with many cores)"""
     policies_dir: str = "data/policies"
-    """where the small policy snapshots go, to be committed"""
+    """where the checkpoint and the policy snapshots go, to be committed (relative: from the repository root)"""
 
 
 class RunningStats:
@@ -142,12 +145,12 @@ def main(args: Args) -> None:
     if args.task not in GYM_IDS:
         sys.exit(f"error: unknown task '{args.task}'; choose one of: {', '.join(GYM_IDS)}")
     name = args.name or (args.task if args.task == "ant" or args.elbow == 0 else f"reacher-elbow{args.elbow:+d}")
-    run_dir, snapshot_dir = ROOT / args.runs_dir / name, ROOT / args.policies_dir / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    snapshot_dir = ROOT / args.policies_dir / name
     snapshot_dir.mkdir(parents=True, exist_ok=True)
 
     gym_id, kwargs = GYM_IDS[args.task]
-    envs = gym.vector.SyncVectorEnv(
+    vector_env = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
+    envs = vector_env(
         [lambda: gym.make(gym_id, **kwargs) for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
@@ -158,7 +161,7 @@ def main(args: Args) -> None:
 
     batch = args.num_envs * args.num_steps
     global_step, episode_returns, discounted = 0, [], np.zeros(args.num_envs)
-    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpoint_path = snapshot_dir / "checkpoint.pt"
     if checkpoint_path.exists():
         ckpt = torch.load(checkpoint_path, weights_only=False)
         policy.load_state_dict(ckpt["policy"])
@@ -194,8 +197,10 @@ def main(args: Args) -> None:
         )  # fmt: skip
         tmp.replace(checkpoint_path)  # a crash while saving leaves the previous checkpoint whole
 
+    stop = []  # set by SIGTERM / Ctrl-C: finish the current update, save, exit
+    previous = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGTERM, signal.SIGINT)}
     start, start_step = time.time(), global_step
-    while global_step < args.total_steps:
+    while global_step < args.total_steps and not stop:
         for group in optimizer.param_groups:
             group["lr"] = args.learning_rate * max(1.0 - global_step / args.total_steps, 0.0)
         obs_buf = np.zeros((args.num_steps, args.num_envs, obs_dim), dtype=np.float32)
@@ -266,7 +271,13 @@ def main(args: Args) -> None:
             save_snapshot(policy, obs_stats, snapshot_dir, global_step, episode_returns[-50:], obs_dim, act_dim, args)
             save_checkpoint()
     save_checkpoint()
-    save_snapshot(policy, obs_stats, snapshot_dir, global_step, episode_returns[-50:], obs_dim, act_dim, args)
+    if stop:
+        print(f"{name}: stopped at step {global_step}, checkpoint saved; run the same command to resume", flush=True)
+    else:  # the final policy
+        save_snapshot(policy, obs_stats, snapshot_dir, global_step, episode_returns[-50:], obs_dim, act_dim, args)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+    envs.close()
 
 
 def save_snapshot(policy, obs_stats, folder: Path, step: int, recent_returns, obs_dim, act_dim, args) -> None:

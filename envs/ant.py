@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.mujoco import MujocoTeam
+from envs.mujoco_team import MujocoTeam
 
 TORSO = [0, 1, 2, 3, 4, 13, 14, 15, 16, 17, 18]
 LEGS = {  # leg -> (actuators, observed state components)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from envs.mujoco import MujocoTeam
+from envs.mujoco_team import MujocoTeam
 
 
 class TwoAgentReacher(MujocoTeam):

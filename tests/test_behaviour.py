@@ -6,7 +6,8 @@ import torch
 
 import data
 import envs
-from data import behaviour, mujoco
+from data import behaviour
+from data import mujoco_datasets as mujoco
 
 
 def test_running_stats_match_numpy():
@@ -21,7 +22,7 @@ def test_running_stats_match_numpy():
 
 def test_training_snapshots_and_resumes(tmp_path, capsys):
     common = dict(task="reacher", elbow=1, num_envs=2, num_steps=16, minibatches=2, epochs=1, hidden=16,
-                  snapshot_every=64, runs_dir=str(tmp_path / "runs"), policies_dir=str(tmp_path / "policies"))  # fmt: skip
+                  snapshot_every=64, policies_dir=str(tmp_path / "policies"))  # fmt: skip
     behaviour.main(behaviour.Args(total_steps=64, **common))
     behaviour.main(behaviour.Args(total_steps=128, **common))  # picks up the checkpoint
     assert "resuming reacher-elbow+1 at step 64" in capsys.readouterr().out

@@ -3,7 +3,7 @@
 The global state is the single-agent Gymnasium observation. Each agent observes a
 selection of its components (`obs_index`, one row per agent, -1 for padding) and
 sends the actions of its own actuators (`actuators`, one row per agent). Subclasses
-(envs/reacher.py, envs/ant.py) give the Gymnasium id, the tables and `_set_sim_state`.
+(envs/reacher.py, envs/ant.py); not named mujoco.py, which would shadow the mujoco package give the Gymnasium id, the tables and `_set_sim_state`.
 """
 
 from __future__ import annotations
