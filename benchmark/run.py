@@ -46,10 +46,21 @@ TABLES = {
 }
 
 
+# paper Table 2: normalized min, mean, median, max (%) of each dataset's episode returns
+PAPER_TABLE2 = {
+    ("reacher", "expert-mix"): (38.8, 100.0, 98.9, 152.3),
+    ("ant", "random"): (-3.0, 6.4, 7.2, 10.3),
+    ("ant", "medium"): (-4.8, 80.2, 95.1, 107.2),
+    ("ant", "full-replay"): (-22.4, 72.0, 77.8, 134.3),
+    ("ant", "expert"): (-32.8, 117.4, 129.4, 142.5),
+}
+PAPER_REFERENCES = {"reacher": (-11.145, -4.237), "ant": (-325.6, 3879.7)}  # (random, expert) returns
+
+
 @dataclass
 class Args:
     table: str = "3"
-    """which table of the paper to run: 3"""
+    """which table of the paper to make: 2 (dataset statistics) or 3 (coordination game)"""
     seeds: int = 10
     """seeds 0..seeds-1 for every cell"""
     workers: int = 2
@@ -118,6 +129,12 @@ def summary_table(table: str, rows: list[dict]) -> str:
 
 def write_tables(table: str, rows: list[dict]) -> str:
     text = summary_table(table, rows)
+    write_readme_section(table, text)
+    return text
+
+
+def write_readme_section(table: str, text: str) -> None:
+    """Write a table to benchmark/results/table{N}.md and into README.md between its markers."""
     (RESULTS / f"table{table}.md").write_text(text)
     readme = ROOT / "README.md"
     start, end = f"<!-- table{table}:start -->", f"<!-- table{table}:end -->"
@@ -126,10 +143,58 @@ def write_tables(table: str, rows: list[dict]) -> str:
         before, rest = content.split(start, 1)
         after = rest.split(end, 1)[1]
         readme.write_text(f"{before}{start}\n{text}{end}{after}")
-    return text
+
+
+def table2() -> None:
+    """Dataset statistics (paper Table 2): builds the datasets it can, from the committed policies."""
+    sys.path.insert(0, str(ROOT))
+    import data
+    import envs
+
+    rows, lines = [], []
+    for (task, dataset), paper in PAPER_TABLE2.items():
+        if task not in data.REFERENCE_RETURNS:
+            print(f"{task}: no reference returns yet (python -m data.mujoco_datasets --task {task}); skipping {dataset}")
+            continue
+        start = time.time()
+        ds = data.load(envs.make(task), dataset)
+        random_return, expert_return = data.REFERENCE_RETURNS[task]
+        scores = 100 * (ds.episode_returns() - random_return) / (expert_return - random_return)
+        row = dict(
+            task=task, dataset=dataset, transitions=len(ds), episodes=len(scores),
+            min=round(scores.min(), 1), mean=round(scores.mean(), 1), median=round(float(np.median(scores)), 1),
+            max=round(scores.max(), 1), random_return=round(random_return, 3), expert_return=round(expert_return, 3),
+        )  # fmt: skip
+        rows.append(row)
+        print(f"{task} {dataset}: {row} ({time.time() - start:.0f}s)")
+        if task == "reacher":  # the elbow convention of each episode: the sign of its mean elbow angle
+            elbow = np.arctan2(ds.states[:, 3], ds.states[:, 1])
+            episode = np.cumsum(ds.episode_starts) - 1
+            up = np.bincount(episode, weights=elbow) >= 0
+            print(f"reacher expert-mix: elbow up (q1 >= 0) in {up.mean():.1%} of episodes, down in {1 - up.mean():.1%}")
+        lines.append(
+            f"| {task} | {dataset} | " + " | ".join(f"**{row[k]}** ({p})" for k, p in zip(("min", "mean", "median", "max"), paper))
+            + f" | **{row['expert_return']:.1f}** ({PAPER_REFERENCES[task][1]}) | **{row['random_return']:.1f}** ({PAPER_REFERENCES[task][0]}) |"
+        )
+    if not rows:
+        return
+    with (RESULTS / "table2.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    text = "\n".join(
+        ["| task | dataset | min (%) | mean (%) | median (%) | max (%) | expert return | random return |", "|---|---|---|---|---|---|---|---|"]
+        + lines
+        + ["", "Ours in bold, the paper's in brackets (its ant datasets are D4RL's, on ant-v2; ours are made here on Ant-v5)."]
+    )
+    write_readme_section("2", text + "\n")
+    print(text)
 
 
 def main(args: Args) -> None:
+    if args.table == "2":
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        return table2()
     if args.table not in TABLES:
         sys.exit(f"error: unknown table '{args.table}'; choose one of: {', '.join(TABLES)}")
     spec = TABLES[args.table]

@@ -10,6 +10,7 @@ serves every observation setting of a task.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,12 @@ CACHE_DIR = Path(os.environ.get("MOMA_DATA_DIR", Path(__file__).parent / "cache"
 
 # task -> (random return, expert return): normalized score = (R - random) / (expert - random).
 # Coordination game: the team score is the mean reward per round of a 10-round episode.
+# MuJoCo tasks: measured with our own policies, in data/references.json (see mujoco_datasets.py).
 REFERENCE_RETURNS = {"coordination": (0.0, 10.0)}
+_REFERENCES_FILE = Path(__file__).parent / "references.json"
+if _REFERENCES_FILE.exists():
+    for _task, _ref in json.loads(_REFERENCES_FILE.read_text()).items():
+        REFERENCE_RETURNS[_task] = (_ref["random"], _ref["expert"])
 
 
 @dataclass
@@ -178,5 +184,9 @@ def to_multi_agent(raw: dict[str, np.ndarray], env, source: str = "dataset") -> 
 
 def normalized_score(task: str, returns) -> float:
     """(R - random) / (expert - random) for the mean of `returns`."""
+    if task not in REFERENCE_RETURNS:
+        raise UserInputError(
+            f"no reference returns for task '{task}' yet; measure them with: python -m data.mujoco_datasets --task {task}"
+        )
     random_return, expert_return = REFERENCE_RETURNS[task]
     return float((np.mean(returns) - random_return) / (expert_return - random_return))

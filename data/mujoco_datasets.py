@@ -10,6 +10,7 @@ data was), records D4RL's file layout, and marks `timeouts` at the time limit an
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from data.behaviour import GYM_IDS, BehaviourPolicy, load_policy
 
 POLICIES = Path(__file__).parent / "policies"
+REFERENCES = Path(__file__).parent / "references.json"  # measured by measure_references
 DATASETS = {
     "ant": {
         "random": "the randomly initialised policy (step 0 of the training run)",
@@ -127,3 +129,48 @@ def build(task: str, name: str, size: int = DEFAULT_SIZE, seed: int = 0) -> dict
 
 def _concat(a: dict, b: dict) -> dict:
     return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+
+def episode_returns(task: str, policy, episodes: int, seed: int, num_envs: int = 10) -> np.ndarray:
+    """Returns of `episodes` whole episodes (the same number from each simulator, so that short,
+    failed episodes are not over-represented), actions sampled as when collecting data."""
+    gym_id, kwargs = GYM_IDS[task]
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(gym_id, **kwargs) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+    torch.manual_seed(seed)
+    quota = -(-episodes // num_envs)
+    finished = [[] for _ in range(num_envs)]
+    running = np.zeros(num_envs)
+    obs, _ = envs.reset(seed=seed)
+    while min(len(f) for f in finished) < quota:
+        obs, reward, terminated, truncated, _ = envs.step(policy.act(obs))
+        running += reward
+        for i in np.flatnonzero(terminated | truncated):
+            finished[i].append(running[i])
+            running[i] = 0.0
+    return np.concatenate([f[:quota] for f in finished])[:episodes]
+
+
+def measure_references(task: str, episodes: int = 100, seed: int = 10_000) -> dict:
+    """D4RL-style reference returns: the randomly initialised policy (step 0 of the training run,
+    what the random dataset is made of) and the expert (its final snapshot), actions sampled."""
+    paths = snapshots("ant" if task == "ant" else "reacher-elbow+1")
+    references = {"episodes": episodes, "gym_id": GYM_IDS[task][0]}
+    for key, path in (("random", paths[0]), ("expert", paths[-1])):
+        references[key] = float(episode_returns(task, load_policy(path), episodes, seed).mean())
+        references[f"{key}_policy"] = f"{path.parent.name}/{path.name}"
+    all_references = json.loads(REFERENCES.read_text()) if REFERENCES.exists() else {}
+    all_references[task] = references
+    REFERENCES.write_text(json.dumps(all_references, indent=2) + "\n")
+    return references
+
+
+if __name__ == "__main__":
+    import tyro
+
+    def references(task: str = "reacher", episodes: int = 100) -> None:
+        """Measure and record the random and expert reference returns of a task in data/references.json."""
+        print(measure_references(task, episodes))
+
+    tyro.cli(references)

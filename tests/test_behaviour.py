@@ -76,3 +76,34 @@ def test_collect_writes_a_valid_dataset(monkeypatch, tmp_path):
     mujoco.build("ant", "random", size=10)
     mujoco.build("ant", "expert", size=10)
     assert chosen == [(["step_000001000.pt"], [10]), (["step_000000000.pt"], [10]), (["step_000002000.pt"], [10])]
+
+
+def test_reference_returns_are_measured_and_recorded(monkeypatch, tmp_path):
+    folder = tmp_path / "reacher-elbow+1"
+    folder.mkdir()
+    for step in (0, 100):
+        policy = behaviour.BehaviourPolicy(10, 2, 8)
+        torch.save({"policy": policy.state_dict(), "obs_dim": 10, "act_dim": 2, "hidden": 8, "step": step,
+                    "training_return": None, "task": "reacher", "elbow": 1}, folder / f"step_{step:09d}.pt")  # fmt: skip
+    monkeypatch.setattr(mujoco, "POLICIES", tmp_path)
+    monkeypatch.setattr(mujoco, "REFERENCES", tmp_path / "references.json")
+    refs = mujoco.measure_references("reacher", episodes=10)
+    assert refs["random_policy"] == "reacher-elbow+1/step_000000000.pt"
+    assert refs["expert_policy"] == "reacher-elbow+1/step_000000100.pt"
+    assert -200 < refs["random"] < 0 and -200 < refs["expert"] < 0  # 50 steps of -distance - control cost
+    assert "reacher" in (tmp_path / "references.json").read_text()
+
+
+def test_episode_returns_take_whole_episodes_equally_from_each_simulator():
+    class Still:
+        def act(self, obs):
+            return np.zeros((len(obs), 2), dtype=np.float32)
+
+    returns = mujoco.episode_returns("reacher", Still(), episodes=7, seed=0, num_envs=3)
+    assert returns.shape == (7,) and np.all(returns < 0)
+
+
+def test_normalized_score_without_references_says_what_to_do(monkeypatch):
+    monkeypatch.delitem(data.REFERENCE_RETURNS, "ant", raising=False)
+    with pytest.raises(envs.UserInputError, match="python -m data.mujoco_datasets --task ant"):
+        data.normalized_score("ant", [0.0])
