@@ -90,11 +90,18 @@ def load(env, dataset: str, size: int | None = None) -> Dataset:
 
 
 def dataset_path(task: str, dataset: str, size: int | None = None) -> Path:
-    """The file of a named dataset (built and cached on first use), or the path given."""
-    if dataset.endswith((".npz", ".hdf5", ".h5")):
+    """The file of a named dataset (built and cached on first use), or the path given.
+
+    A path is a .npz or D4RL .hdf5 file, or a local Minari dataset folder (with data/main_data.hdf5).
+    """
+    if dataset.endswith((".npz", ".hdf5", ".h5")) or "/" in dataset:
         path = Path(dataset).expanduser()
-        if not path.exists():
-            raise UserInputError(f"dataset file '{path}' does not exist; pass a dataset name or an existing .npz/.hdf5 file")
+        if path.is_dir() and (path / "data" / "main_data.hdf5").exists():
+            return path / "data" / "main_data.hdf5"
+        if not path.is_file():
+            raise UserInputError(
+                f"dataset '{path}' does not exist; pass a dataset name, a .npz/.hdf5 file or a Minari dataset folder"
+            )
         return path
     names = dataset_names(task)
     if dataset not in names:
@@ -120,11 +127,33 @@ def read_file(path: Path) -> dict[str, np.ndarray]:
         import h5py  # only needed for D4RL files
 
         with h5py.File(path, "r") as f:
+            if any(k.startswith("episode_") for k in f.keys()):
+                return _minari_to_d4rl(f, path)
             return {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
     except ImportError:
         raise UserInputError("reading .hdf5 datasets needs h5py: pip install h5py") from None
     except (OSError, ValueError) as e:
         raise UserInputError(f"cannot read dataset file '{path}' ({e}); is it a .npz or D4RL .hdf5 file?") from None
+
+
+def _minari_to_d4rl(f, path: Path) -> dict[str, np.ndarray]:
+    """Minari stores episodes (observations one longer than actions); flatten them into D4RL's layout."""
+    columns: dict[str, list] = {k: [] for k in REQUIRED_KEYS}
+    episodes = sorted((k for k in f.keys() if k.startswith("episode_")), key=lambda k: int(k.split("_")[1]))
+    for name in episodes:
+        episode = f[name]
+        if not all(k in episode and hasattr(episode[k], "shape") for k in ("observations", "actions")):
+            raise UserInputError(f"{path}: {name} has dictionary observations or actions; only flat arrays are supported")
+        observations = episode["observations"][()]
+        columns["observations"].append(observations[:-1])
+        columns["next_observations"].append(observations[1:])
+        columns["actions"].append(episode["actions"][()])
+        columns["rewards"].append(episode["rewards"][()])
+        columns["terminals"].append(episode["terminations"][()])
+        columns["timeouts"].append(episode["truncations"][()])
+    if not episodes:
+        raise UserInputError(f"{path} holds no episodes")
+    return {k: np.concatenate(v) for k, v in columns.items()}
 
 
 def to_multi_agent(raw: dict[str, np.ndarray], env, source: str = "dataset") -> Dataset:

@@ -113,3 +113,27 @@ def test_reads_a_d4rl_ant_hdf5_file(tmp_path):
     np.testing.assert_array_equal(ds.actions[:, 0], actions[:, [2, 3]])  # agent 0 drives the front-left leg
     assert ds.observations.shape == (T, 4, 15)
     np.testing.assert_array_equal(ds.observations[:, 1, :4], observations[:-1, [7, 8, 21, 22]])
+
+
+def test_reads_a_local_minari_dataset(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    env = envs.make("reacher", "independent")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mujoco" / "reacher" / "expert-v0"
+    (folder / "data").mkdir(parents=True)
+    lengths = [5, 3]
+    with h5py.File(folder / "data" / "main_data.hdf5", "w") as f:
+        for i, T in enumerate(lengths):
+            episode = f.create_group(f"episode_{i}")
+            episode["observations"] = rng.normal(size=(T + 1, 10)).astype(np.float32)  # one more than actions
+            episode["actions"] = rng.uniform(-1, 1, size=(T, 2)).astype(np.float32)
+            episode["rewards"] = rng.normal(size=T)
+            episode["terminations"] = np.zeros(T, bool)
+            episode["truncations"] = np.arange(T) == T - 1
+        first = f["episode_0"]["observations"][()]
+    ds = data.load(env, str(folder))
+    assert len(ds) == sum(lengths)
+    np.testing.assert_array_equal(ds.states[:5], first[:-1])
+    np.testing.assert_array_equal(ds.next_states[:5], first[1:])
+    assert ds.episode_starts.tolist() == [True, False, False, False, False, True, False, False]
+    assert ds.observations.shape == (8, 2, 5)
