@@ -162,8 +162,8 @@ def table2() -> None:
         scores = 100 * (ds.episode_returns() - random_return) / (expert_return - random_return)
         row = dict(
             task=task, dataset=dataset, transitions=len(ds), episodes=len(scores),
-            min=round(scores.min(), 1), mean=round(scores.mean(), 1), median=round(float(np.median(scores)), 1),
-            max=round(scores.max(), 1), random_return=round(random_return, 3), expert_return=round(expert_return, 3),
+            min=round(float(scores.min()), 1), mean=round(float(scores.mean()), 1), median=round(float(np.median(scores)), 1),
+            max=round(float(scores.max()), 1), random_return=round(random_return, 3), expert_return=round(expert_return, 3),
         )  # fmt: skip
         rows.append(row)
         print(f"{task} {dataset}: {row} ({time.time() - start:.0f}s)")

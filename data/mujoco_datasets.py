@@ -114,7 +114,7 @@ def build(task: str, name: str, size: int = DEFAULT_SIZE, seed: int = 0) -> dict
         )
     paths = snapshots("ant")
     if name == "random":
-        chosen = [paths[0]]
+        return collect(task, [random_policy(paths[0])], [size], seed, progress="ant random")
     elif name == "expert":
         chosen = [paths[-1]]
     elif name == "medium":  # returns measured while training (last 50 episodes before the snapshot)
@@ -131,9 +131,36 @@ def _concat(a: dict, b: dict) -> dict:
     return {k: np.concatenate([a[k], b[k]]) for k in a}
 
 
+def random_policy(step_zero: Path) -> BehaviourPolicy:
+    """The randomly initialised policy with unit action noise, as D4RL's randomly initialised SAC
+    policies (the training run itself starts with a smaller noise, see data/behaviour.py)."""
+    policy = load_policy(step_zero)
+    with torch.no_grad():
+        policy.log_std.zero_()
+    return policy
+
+
+class Greedy:
+    """A policy's mean action, without sampling."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.policy.act(obs, deterministic=True)
+
+
+class ZeroActions:
+    def __init__(self, act_dim: int):
+        self.act_dim = act_dim
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return np.zeros((len(obs), self.act_dim), dtype=np.float32)
+
+
 def episode_returns(task: str, policy, episodes: int, seed: int, num_envs: int = 10) -> np.ndarray:
     """Returns of `episodes` whole episodes (the same number from each simulator, so that short,
-    failed episodes are not over-represented), actions sampled as when collecting data."""
+    failed episodes are not over-represented)."""
     gym_id, kwargs = GYM_IDS[task]
     envs = gym.vector.SyncVectorEnv(
         [lambda: gym.make(gym_id, **kwargs) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
@@ -153,13 +180,32 @@ def episode_returns(task: str, policy, episodes: int, seed: int, num_envs: int =
 
 
 def measure_references(task: str, episodes: int = 100, seed: int = 10_000) -> dict:
-    """D4RL-style reference returns: the randomly initialised policy (step 0 of the training run,
-    what the random dataset is made of) and the expert (its final snapshot), actions sampled."""
+    """The random and expert reference returns of a task, recorded in data/references.json.
+
+    expert: the final snapshot, actions sampled (as the expert data is collected).
+    random: a randomly initialised policy, defined to match the reference the paper used:
+      ant: D4RL's, a randomly initialised policy with unit action noise, sampled (what the
+        random dataset is made of);
+      reacher: the paper's -11.14 is what a randomly initialised policy scores acting greedily
+        (its mean actions are close to zero: zero actions score -11.5 here), so: greedy.
+    The other candidates are recorded too, for information.
+    """
     paths = snapshots("ant" if task == "ant" else "reacher-elbow+1")
+    rand = random_policy(paths[0])
+    candidates = {
+        "random_sampled": rand,
+        "random_greedy": Greedy(rand),
+        "zero_actions": ZeroActions(rand.log_std.numel()),
+        "expert": load_policy(paths[-1]),
+    }
     references = {"episodes": episodes, "gym_id": GYM_IDS[task][0]}
-    for key, path in (("random", paths[0]), ("expert", paths[-1])):
-        references[key] = float(episode_returns(task, load_policy(path), episodes, seed).mean())
-        references[f"{key}_policy"] = f"{path.parent.name}/{path.name}"
+    for key, policy in candidates.items():
+        references[key] = float(episode_returns(task, policy, episodes, seed).mean())
+    references["random"] = references["random_sampled" if task == "ant" else "random_greedy"]
+    references["random_policy"] = f"{paths[0].parent.name}/{paths[0].name}, " + (
+        "unit action noise, sampled" if task == "ant" else "greedy"
+    )
+    references["expert_policy"] = f"{paths[-1].parent.name}/{paths[-1].name}, sampled"
     all_references = json.loads(REFERENCES.read_text()) if REFERENCES.exists() else {}
     all_references[task] = references
     REFERENCES.write_text(json.dumps(all_references, indent=2) + "\n")

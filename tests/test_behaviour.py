@@ -73,9 +73,13 @@ def test_collect_writes_a_valid_dataset(monkeypatch, tmp_path):
     monkeypatch.setattr(mujoco, "collect", lambda task, policies, steps, seed, **kw: chosen.append((policies, steps)) or {})
     monkeypatch.setattr(mujoco, "load_policy", lambda p: p.name)
     mujoco.build("ant", "medium", size=10)
-    mujoco.build("ant", "random", size=10)
     mujoco.build("ant", "expert", size=10)
-    assert chosen == [(["step_000001000.pt"], [10]), (["step_000000000.pt"], [10]), (["step_000002000.pt"], [10])]
+    assert chosen == [(["step_000001000.pt"], [10]), (["step_000002000.pt"], [10])]
+    # random: step 0 with unit action noise, as D4RL's randomly initialised policies
+    monkeypatch.setattr(mujoco, "load_policy", behaviour.load_policy)
+    mujoco.build("ant", "random", size=10)
+    (policy,), steps = chosen[-1]
+    assert steps == [10] and torch.all(policy.log_std == 0)
 
 
 def test_reference_returns_are_measured_and_recorded(monkeypatch, tmp_path):
@@ -88,9 +92,11 @@ def test_reference_returns_are_measured_and_recorded(monkeypatch, tmp_path):
     monkeypatch.setattr(mujoco, "POLICIES", tmp_path)
     monkeypatch.setattr(mujoco, "REFERENCES", tmp_path / "references.json")
     refs = mujoco.measure_references("reacher", episodes=10)
-    assert refs["random_policy"] == "reacher-elbow+1/step_000000000.pt"
-    assert refs["expert_policy"] == "reacher-elbow+1/step_000000100.pt"
-    assert -200 < refs["random"] < 0 and -200 < refs["expert"] < 0  # 50 steps of -distance - control cost
+    assert refs["random_policy"] == "reacher-elbow+1/step_000000000.pt, greedy"
+    assert refs["expert_policy"] == "reacher-elbow+1/step_000000100.pt, sampled"
+    assert refs["random"] == refs["random_greedy"]  # reacher: the paper's reference is a greedy random policy
+    for key in ("random_sampled", "random_greedy", "zero_actions", "expert"):
+        assert -200 < refs[key] < 0  # 50 steps of -distance - control cost
     assert "reacher" in (tmp_path / "references.json").read_text()
 
 
