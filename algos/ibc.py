@@ -1,11 +1,14 @@
 # Independent Behaviour Cloning (IBC), the imitation baseline of the paper (section 5.1).
 #
-# Each agent fits its own policy to its own recorded actions, by maximum likelihood.
-# Agents never see each other's actions, so on a dataset that mixes conventions each one
-# copies its own marginal behaviour: IBC coordinates only when the data mostly does.
+# Each agent fits its own policy to its own recorded actions: maximum likelihood for
+# categorical actions, mean squared error of a tanh-bounded deterministic action for
+# continuous ones. Agents never see each other's actions, so on a dataset that mixes
+# conventions each one copies its own marginal behaviour: IBC coordinates only when the
+# data mostly does.
 #
-# Differences from the paper: none known for categorical actions (the coordination game).
-# The agents' networks are one batched network ([agents, in, out] weights).
+# Differences from the paper: no memory module yet under partial observability (each
+# agent acts on its current observation). The agents' networks are one batched network
+# ([agents, in, out] weights).
 import json
 import math
 import random
@@ -29,11 +32,13 @@ import envs  # noqa: E402
 @dataclass
 class Args:
     task: str = "coordination"
-    """environment: coordination"""
+    """environment: coordination, reacher or ant"""
     obs: str | None = None
-    """observation setting (default: the task's first one; coordination has only `fo`)"""
+    """observation setting (default: the task's first; coordination: fo; reacher: all-observant, independent,
+    leader-only; ant: fo, po)"""
     dataset: str = "unfavorable"
-    """dataset name (coordination: favorable, neutral, unfavorable) or a .npz/.hdf5 file"""
+    """dataset name (coordination: favorable, neutral, unfavorable; reacher: expert-mix; ant: random, medium,
+    full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder"""
     seed: int = 0
     """seed of everything random in the run"""
     total_steps: int | None = None
@@ -58,6 +63,9 @@ class Args:
 TASK_DEFAULTS = {
     # coordination: 64 units as in every script on this task (two actions, a 1-d observation)
     "coordination": dict(total_steps=1000, eval_every=0, hidden=64),
+    # MuJoCo: the paper's 1e6 steps and 2x256 networks
+    "reacher": dict(total_steps=1_000_000, eval_every=50_000, hidden=256),
+    "ant": dict(total_steps=1_000_000, eval_every=50_000, hidden=256),
 }
 
 
@@ -75,26 +83,35 @@ class BatchedLinear(nn.Module):
 
 
 class Policies(nn.Module):
-    """All agents' categorical policies: observations [N, B, O] -> action logits [N, B, n_actions]."""
+    """All agents' policies: observations [N, B, O] -> action logits [N, B, n_actions] (categorical
+    actions) or pre-tanh actions [N, B, act_dim] (continuous actions, n_actions None)."""
 
-    def __init__(self, n_agents: int, obs_dim: int, n_actions: int, hidden: int, obs_mean, obs_std):
+    def __init__(self, n_agents: int, obs_dim: int, n_actions: int | None, act_dim: int, hidden: int, obs_mean, obs_std):
         super().__init__()
+        self.categorical = n_actions is not None
         self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32).unsqueeze(1))  # [N, 1, O]
         self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32).unsqueeze(1))
         self.net = nn.Sequential(
             BatchedLinear(n_agents, obs_dim, hidden), nn.ReLU(),
             BatchedLinear(n_agents, hidden, hidden), nn.ReLU(),
-            BatchedLinear(n_agents, hidden, n_actions),
+            BatchedLinear(n_agents, hidden, n_actions if self.categorical else act_dim),
         )  # fmt: skip
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net((obs - self.obs_mean) / self.obs_std)
 
+    def loss(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Behaviour-cloning loss of the recorded actions ([N, B] integers or [N, B, act_dim])."""
+        out = self(obs)
+        if self.categorical:
+            return F.cross_entropy(out.flatten(0, 1), actions.flatten())
+        return ((torch.tanh(out) - actions) ** 2).mean()
+
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Greedy actions of the N agents from their observations [N, O]."""
-        obs = torch.as_tensor(obs, device=self.obs_mean.device).unsqueeze(1)
-        return self(obs).argmax(-1).squeeze(1).cpu().numpy()
+        out = self(torch.as_tensor(obs, device=self.obs_mean.device).unsqueeze(1)).squeeze(1)
+        return (out.argmax(-1) if self.categorical else torch.tanh(out)).cpu().numpy()
 
 
 def main(args: Args) -> dict:
@@ -104,8 +121,6 @@ def main(args: Args) -> dict:
     start_time = time.time()
     env = envs.make(args.task, args.obs)
     dataset = data.load(env, args.dataset)
-    if env.n_actions is None:
-        raise envs.UserInputError(f"ibc.py supports categorical actions only so far; task '{args.task}' is continuous")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__ibc__{args.seed}__{int(start_time)}"
     run_dir = Path(args.runs_dir) / run_name
     writer = SummaryWriter(str(run_dir))
@@ -120,7 +135,7 @@ def main(args: Args) -> dict:
     observations = torch.as_tensor(dataset.observations, device=device).transpose(0, 1)
     actions = torch.as_tensor(dataset.actions, device=device).transpose(0, 1)
     obs_mean, obs_std = dataset.stats("observations")
-    policy = Policies(env.n_agents, env.obs_dim, env.n_actions, args.hidden, obs_mean, obs_std).to(device)
+    policy = Policies(env.n_agents, env.obs_dim, env.n_actions, env.act_dim, args.hidden, obs_mean, obs_std).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
 
     def evaluate() -> tuple[float, float]:
@@ -130,8 +145,7 @@ def main(args: Args) -> dict:
     print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
     for step in range(1, args.total_steps + 1):
         idx = torch.randint(len(dataset), (args.batch_size,), device=device)
-        logits = policy(observations[:, idx])  # [N, B, n_actions]
-        loss = F.cross_entropy(logits.flatten(0, 1), actions[:, idx].flatten())
+        loss = policy.loss(observations[:, idx], actions[:, idx])
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
