@@ -19,10 +19,11 @@
 # - Rollout slots that end (terminal or time-out) restart at once from a fresh dataset
 #   state, so every PPO batch holds exactly rollout_batch x rollout_length transitions.
 # - Advantages are normalised per batch (as MAPPO does); the paper does not say.
-# - Coordination game only so far (categorical actions, no memory module): a smaller
-#   world model and a larger learning rate than the paper's MuJoCo settings, see
-#   TASK_DEFAULTS. The action type is one class (CategoricalPolicies) to swap for
-#   Gaussian policies.
+# - Coordination game: a smaller world model and a larger learning rate than the paper's
+#   MuJoCo settings, see TASK_DEFAULTS.
+# - Continuous actions (Gaussian policies, action-bound penalty, per-dimension entropy
+#   temperatures) run, but have only been smoke-tested so far; there is no memory module
+#   yet, so under partial observability each agent acts on its current observation.
 import json
 import math
 import random
@@ -47,11 +48,12 @@ import envs  # noqa: E402
 @dataclass
 class Args:
     task: str = "coordination"
-    """environment: coordination"""
+    """environment: coordination, reacher or ant"""
     obs: str | None = None
     """observation setting (default: the task's first one; coordination has only `fo`)"""
     dataset: str = "unfavorable"
-    """dataset name (coordination: favorable, neutral, unfavorable) or a .npz/.hdf5 file"""
+    """dataset name (coordination: favorable, neutral, unfavorable; reacher: expert-mix; ant: random, medium,
+    full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder"""
     seed: int = 0
     """seed of everything random in the run"""
     total_steps: int | None = None
@@ -121,7 +123,9 @@ class Args:
     entropy_lr: float = 1e-3
     """step size of the entropy temperature's dual update (the paper's entropy bonus coefficient)"""
     entropy_target: float | None = None
-    """target entropy per agent, in nats (default: per task)"""
+    """target entropy per agent and action dimension, in nats (default: per task; paper -4 reacher, -6 ant)"""
+    action_penalty: float = 1.0
+    """weight of the penalty on actions beyond [-1, 1] (continuous actions)"""
 
 
 # Defaults that depend on the task, used for every field left at None.
@@ -132,6 +136,16 @@ TASK_DEFAULTS = {
     "coordination": dict(
         total_steps=60, eval_every=0, hidden=64, learning_rate=1e-3, entropy_target=0.1,
         wm_hidden=64, wm_layers=2, wm_max_steps=1000,
+    ),  # fmt: skip
+    # MuJoCo: the paper's MAPPO settings (appendix A.2) and 1e5 learning steps. Not yet
+    # validated here beyond smoke runs; the world model's size is still to be chosen (issue #4).
+    "reacher": dict(
+        total_steps=100_000, eval_every=1000, hidden=256, learning_rate=5e-5, entropy_target=-4.0,
+        wm_hidden=200, wm_layers=4, wm_max_steps=100_000,
+    ),  # fmt: skip
+    "ant": dict(
+        total_steps=100_000, eval_every=1000, hidden=256, learning_rate=5e-5, entropy_target=-6.0,
+        wm_hidden=200, wm_layers=4, wm_max_steps=100_000,
     ),  # fmt: skip
 }
 
@@ -312,6 +326,12 @@ def train_world_model(args, dataset, encode_actions, device, writer, generator):
 # ---------------------------------------------------------------------------------------
 # MAPPO agents
 # ---------------------------------------------------------------------------------------
+# The two action types share one interface, so that the training loop is the same for both:
+#   distribution(obs [N, B, O]) -> a torch distribution over the agents' actions
+#   log_prob_dims(dist, actions) -> [N, B, D] log-probabilities per action dimension
+#   encode(actions [B, N, ...]) -> the world model's joint-action input [B, N * ...]
+#   bound_error(actions [N, B, ...]) -> [N, B] squared excess over the action bounds
+#   act(obs [N, O]) -> greedy actions, for evaluation
 class CategoricalPolicies(nn.Module):
     """All agents' categorical policies in one batched network: observations [N, B, O] -> logits."""
 
@@ -325,15 +345,50 @@ class CategoricalPolicies(nn.Module):
     def distribution(self, obs: torch.Tensor) -> torch.distributions.Categorical:
         return torch.distributions.Categorical(logits=self.net((obs - self.obs_mean) / self.obs_std))
 
+    def log_prob_dims(self, dist, actions: torch.Tensor) -> torch.Tensor:
+        return dist.log_prob(actions).unsqueeze(-1)  # one "dimension" per agent
+
     def encode(self, actions: torch.Tensor) -> torch.Tensor:
-        """Per-agent actions [..., N] -> the world model's joint-action input [..., N * n_actions]."""
         return F.one_hot(actions, self.n_actions).float().flatten(-2)
+
+    def bound_error(self, actions: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(actions.shape[:2], device=actions.device)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
-        """Greedy actions of the N agents from their observations [N, O] (used for evaluation)."""
         obs = torch.as_tensor(obs, device=self.obs_mean.device).unsqueeze(1)
         return self.distribution(obs).probs.argmax(-1).squeeze(1).cpu().numpy()
+
+
+class GaussianPolicies(CategoricalPolicies):
+    """All agents' Gaussian policies, state-dependent standard deviation, no tanh squashing
+    (appendix A: the action-bound penalty keeps the actions near [-1, 1] instead)."""
+
+    LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
+
+    def __init__(self, n_agents, obs_dim, act_dim, hidden, obs_mean, obs_std):
+        super().__init__(n_agents, obs_dim, 2 * act_dim, hidden, obs_mean, obs_std)
+        self.act_dim = act_dim
+
+    def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        mean, raw_log_std = self.net((obs - self.obs_mean) / self.obs_std).chunk(2, -1)
+        log_std = self.LOG_STD_MIN + (self.LOG_STD_MAX - self.LOG_STD_MIN) * torch.sigmoid(raw_log_std)
+        return torch.distributions.Normal(mean, log_std.exp())
+
+    def log_prob_dims(self, dist, actions: torch.Tensor) -> torch.Tensor:
+        return dist.log_prob(actions)
+
+    def encode(self, actions: torch.Tensor) -> torch.Tensor:
+        return actions.clamp(-1, 1).flatten(-2)  # the simulator clips its controls to their range
+
+    def bound_error(self, actions: torch.Tensor) -> torch.Tensor:
+        excess = (actions.abs() - 1).clamp(min=0)
+        return (excess**2).sum(-1)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        obs = torch.as_tensor(obs, device=self.obs_mean.device).unsqueeze(1)
+        return self.distribution(obs).mean.squeeze(1).clamp(-1, 1).cpu().numpy()
 
 
 class MixedValue(nn.Module):
@@ -384,8 +439,6 @@ def main(args: Args) -> dict:
     start_time = time.time()
     env = envs.make(args.task, args.obs)
     dataset = data.load(env, args.dataset)
-    if env.n_actions is None:
-        raise envs.UserInputError(f"moma_ppo.py supports categorical actions only so far; task '{args.task}' is continuous")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__moma_ppo__{args.seed}__{int(start_time)}"
     run_dir = Path(args.runs_dir) / run_name
     writer = SummaryWriter(str(run_dir))
@@ -400,11 +453,16 @@ def main(args: Args) -> dict:
 
     obs_mean, obs_std = dataset.stats("observations")
     state_mean, state_std = dataset.stats("states")
-    policies = CategoricalPolicies(env.n_agents, env.obs_dim, env.n_actions, args.hidden, obs_mean, obs_std).to(device)
+    if env.n_actions is not None:
+        policies = CategoricalPolicies(env.n_agents, env.obs_dim, env.n_actions, args.hidden, obs_mean, obs_std)
+    else:
+        policies = GaussianPolicies(env.n_agents, env.obs_dim, env.act_dim, args.hidden, obs_mean, obs_std)
+    policies = policies.to(device)
+    action_dims = 1 if env.n_actions is not None else env.act_dim
     value = MixedValue(env.n_agents, env.obs_dim, env.state_dim, args.hidden, obs_mean, obs_std, state_mean, state_std).to(device)
     world_model = train_world_model(args, dataset, policies.encode, device, writer, generator)
     optimizer = torch.optim.Adam([*policies.parameters(), *value.parameters()], lr=args.learning_rate)
-    entropy_alpha = torch.zeros(env.n_agents, device=device)  # one temperature per agent
+    entropy_alpha = torch.zeros(env.n_agents, action_dims, device=device)  # per agent and action dimension
 
     start_states = torch.as_tensor(dataset.states, device=device)
     k, b = args.rollout_length, args.rollout_batch
@@ -422,11 +480,13 @@ def main(args: Args) -> dict:
             for t in range(k):
                 dist = policies.distribution(env.observe(states).transpose(0, 1))  # obs [N, b, O]
                 actions = dist.sample()  # [N, b]
-                next_states, reward, terminal, eps_r, eps_g = world_model.step(states, policies.encode(actions.T), generator)
+                next_states, reward, terminal, eps_r, eps_g = world_model.step(
+                    states, policies.encode(actions.transpose(0, 1)), generator
+                )
                 timeout = (eps_g >= args.l_eps) | (t == k - 1)
                 penalty = args.lambda_r * eps_r.clamp(max=args.l_eps) + args.lambda_g * eps_g.clamp(max=args.l_eps)
                 transition = dict(
-                    states=states, actions=actions, log_probs=dist.log_prob(actions), rewards=reward - penalty,
+                    states=states, actions=actions, log_probs=policies.log_prob_dims(dist, actions), rewards=reward - penalty,
                     masks=1.0 - terminal.float(), timeout_masks=1.0 - timeout.float(), next_states=next_states,
                 )  # fmt: skip
                 for key, x in transition.items():
@@ -445,24 +505,31 @@ def main(args: Args) -> dict:
 
         # -- MAPPO update on the k * b synthetic transitions --
         flat_obs, flat_states = obs.flatten(1, 2), rollout["states"].flatten(0, 1)
-        flat_actions = rollout["actions"].permute(1, 0, 2).flatten(1, 2)  # [N, k*b]
-        flat_log_probs = rollout["log_probs"].permute(1, 0, 2).flatten(1, 2)
+        flat_actions = rollout["actions"].transpose(0, 1).flatten(1, 2)  # [N, k*b, ...]
+        flat_log_probs = rollout["log_probs"].transpose(0, 1).flatten(1, 2)  # [N, k*b, D]
         flat_returns, flat_advantages = returns.flatten(), advantages.flatten()
         flat_advantages = (flat_advantages - flat_advantages.mean()) / (flat_advantages.std() + 1e-8)
         for _ in range(args.epochs):
             for idx in torch.randperm(k * b, device=device, generator=generator).split(args.minibatch_size):
-                log_probs = policies.distribution(flat_obs[:, idx]).log_prob(flat_actions[:, idx])  # [N, mb]
-                ratio = (log_probs - flat_log_probs[:, idx]).exp()
+                actions = flat_actions[:, idx]
+                log_probs = policies.log_prob_dims(policies.distribution(flat_obs[:, idx]), actions)  # [N, mb, D]
+                ratio = (log_probs - flat_log_probs[:, idx]).sum(-1).exp()  # one ratio per agent: [N, mb]
                 clipped_ratio = ratio.clamp(1 - args.clip, 1 + args.clip)
                 adv = flat_advantages[idx]
                 policy_loss = -torch.min(ratio * adv, clipped_ratio * adv).mean(1).sum()
-                # appendix A: entropy estimated as E_old[-ratio * log pi_new], clipped like the objective
-                entropy = torch.min(-(ratio * log_probs).mean(1), -(clipped_ratio * log_probs).mean(1))  # [N]
+                # appendix A: entropy estimated as E_old[-ratio * log pi_new] per action dimension,
+                # clipped like the objective; its temperature follows a dual update towards the target
+                entropy = torch.min(
+                    -(ratio[..., None] * log_probs).mean(1), -(clipped_ratio[..., None] * log_probs).mean(1)
+                )  # [N, D]
                 entropy_alpha += args.entropy_lr * (args.entropy_target - entropy.detach())
                 entropy_alpha.clamp_(min=0.0)
                 entropy_bonus = -(entropy * entropy_alpha).sum()
+                # appendix A: squared excess over the action bounds, ratio-weighted like the objective
+                bound_error = policies.bound_error(actions)  # [N, mb]
+                bound_penalty = torch.max((ratio * bound_error).mean(1), (clipped_ratio * bound_error).mean(1)).sum()
                 value_loss = ((value(flat_obs[:, idx], flat_states[idx]) - flat_returns[idx]) ** 2).mean()
-                loss = policy_loss + args.critic_coef * value_loss + entropy_bonus
+                loss = policy_loss + args.critic_coef * value_loss + entropy_bonus + args.action_penalty * bound_penalty
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_([*policies.parameters(), *value.parameters()], 1.0)

@@ -99,3 +99,18 @@ def test_ibc_smoke_run_on_reacher(obs, small_reacher_dataset, tmp_path):
     args = ibc.Args(task="reacher", obs=obs, dataset=small_reacher_dataset, total_steps=20, eval_episodes=2, runs_dir=str(tmp_path))
     result = ibc.main(args)
     assert result["obs"] == obs and np.isfinite(result["normalized_score"])
+
+
+@pytest.mark.parametrize("obs", ["all-observant", "leader-only"])
+def test_moma_ppo_smoke_run_on_reacher(obs, small_reacher_dataset, tmp_path):
+    from algos import moma_ppo
+
+    args = moma_ppo.Args(
+        task="reacher", obs=obs, dataset=small_reacher_dataset, eval_episodes=2, runs_dir=str(tmp_path),
+        **{**TINY["moma_ppo"], "wm_hidden": 32, "wm_layers": 2, "hidden": 32},
+    )  # fmt: skip
+    result = moma_ppo.main(args)
+    assert result["obs"] == obs and np.isfinite(result["normalized_score"])
+    (run_dir,) = tmp_path.iterdir()
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
+    assert checkpoint["entropy_alpha"].shape == (2, 1)  # per agent and action dimension
