@@ -287,7 +287,7 @@ def train_world_model(args, dataset, encode_actions, device, writer, generator):
     best_error = holdout_mse()
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
     stale, step = 0, 0
-    start = time.time()
+    start = last_print = time.time()
     while step < args.wm_max_steps and stale < args.wm_patience:
         for _ in range(args.wm_eval_every):
             # each member draws its own minibatch: [E, B]
@@ -314,6 +314,9 @@ def train_world_model(args, dataset, encode_actions, device, writer, generator):
                 best_state[key][improved] = value[improved]
         writer.add_scalar("losses/world_model_nll", nll.item(), step)
         writer.add_scalar("losses/world_model_holdout_mse", best_error.mean().item(), step)
+        if time.time() - last_print > 30:
+            last_print = time.time()
+            print(f"world model step {step}: mean holdout MSE {best_error.mean():.3e} ({last_print - start:.0f}s)", flush=True)
 
     model.load_state_dict(best_state)
     elites = torch.argsort(best_error)[: args.wm_elites]
