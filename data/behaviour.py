@@ -34,7 +34,20 @@ import torch.nn as nn
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
-GYM_IDS = {"ant": ("Ant-v5", {"include_cfrc_ext_in_observation": False}), "reacher": ("Reacher-v5", {})}
+sys.path.insert(0, str(ROOT))  # envs/, when run as a script
+from envs.ant import FourAgentAnt  # noqa: E402
+from envs.reacher import TwoAgentReacher  # noqa: E402
+
+# the single-agent simulator behind each multi-agent task, as envs/ defines it
+GYM_IDS = {team.task: (team.gym_id, team.gym_kwargs) for team in (FourAgentAnt, TwoAgentReacher)}
+
+
+def vector_env(task: str, num_envs: int, parallel: bool = False) -> gym.vector.VectorEnv:
+    """`num_envs` simulators of a task's robot. An environment whose episode ends is reset in the
+    same step: the returned observation starts the next episode, the last one is in info["final_obs"]."""
+    gym_id, kwargs = GYM_IDS[task]
+    vector = gym.vector.AsyncVectorEnv if parallel else gym.vector.SyncVectorEnv
+    return vector([lambda: gym.make(gym_id, **kwargs) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
 @dataclass
@@ -151,11 +164,7 @@ def main(args: Args) -> None:
     snapshot_dir = ROOT / args.policies_dir / name
     snapshot_dir.mkdir(parents=True, exist_ok=True)
 
-    gym_id, kwargs = GYM_IDS[args.task]
-    vector_env = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
-    envs = vector_env(
-        [lambda: gym.make(gym_id, **kwargs) for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
+    envs = vector_env(args.task, args.num_envs, parallel=args.async_envs)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     policy = BehaviourPolicy(obs_dim, act_dim, args.hidden, args.init_log_std)
     value = nn.Sequential(nn.Linear(obs_dim, args.hidden), nn.Tanh(), nn.Linear(args.hidden, args.hidden), nn.Tanh(), nn.Linear(args.hidden, 1))

@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 
-from data.behaviour import GYM_IDS, BehaviourPolicy, load_policy
+from data.behaviour import GYM_IDS, BehaviourPolicy, load_policy, vector_env
 
 POLICIES = Path(__file__).parent / "policies"
 REFERENCES = Path(__file__).parent / "references.json"  # measured by measure_references
@@ -61,10 +60,7 @@ def snapshots(name: str) -> list[Path]:
 
 def collect(task: str, policies: list, steps_each: list[int], seed: int, num_envs: int = 16, progress: str = "") -> dict:
     """Roll out each policy for its number of steps; returns D4RL-layout arrays."""
-    gym_id, kwargs = GYM_IDS[task]
-    envs = gym.vector.SyncVectorEnv(
-        [lambda: gym.make(gym_id, **kwargs) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
+    envs = vector_env(task, num_envs)
     torch.manual_seed(seed)
     columns = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
     total, done_steps, start = sum(steps_each), 0, time.time()
@@ -161,10 +157,7 @@ class ZeroActions:
 def episode_returns(task: str, policy, episodes: int, seed: int, num_envs: int = 10) -> np.ndarray:
     """Returns of `episodes` whole episodes (the same number from each simulator, so that short,
     failed episodes are not over-represented)."""
-    gym_id, kwargs = GYM_IDS[task]
-    envs = gym.vector.SyncVectorEnv(
-        [lambda: gym.make(gym_id, **kwargs) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
+    envs = vector_env(task, num_envs)
     torch.manual_seed(seed)
     quota = -(-episodes // num_envs)
     finished = [[] for _ in range(num_envs)]

@@ -28,6 +28,7 @@ LEGS = {  # leg -> (actuators, observed state components)
 
 
 class FourAgentAnt(MujocoTeam):
+    task = "ant"
     gym_id = "Ant-v5"
     gym_kwargs = {"include_cfrc_ext_in_observation": False}
     d4rl_state_prefix = True  # D4RL ant files hold 111-dim observations: data/ keeps the first 27

@@ -17,6 +17,7 @@ from envs.mujoco_team import MujocoTeam
 
 
 class TwoAgentReacher(MujocoTeam):
+    task = "reacher"
     gym_id = "Reacher-v5"
     actuators = np.array([[0], [1]])
     observation_settings = {
