@@ -6,9 +6,11 @@
 # conventions each one copies its own marginal behaviour: IBC coordinates only when the
 # data mostly does.
 #
-# Differences from the paper: no memory module yet under partial observability (each
-# agent acts on its current observation). The agents' networks are one batched network
-# ([agents, in, out] weights).
+# Under partial observability each agent also conditions on its last `--memory` (observation,
+# action) pairs through the memory module of Appendix A (see `Memory`).
+#
+# Differences from the paper: the agents' networks are one batched network ([agents, in, out]
+# weights).
 import json
 import math
 import random
@@ -36,9 +38,9 @@ class Args:
     obs: str | None = None
     """observation setting (default: the task's first; coordination: fo; reacher: all-observant, independent,
     leader-only; ant: fo, po)"""
-    dataset: str = "unfavorable"
+    dataset: str | None = None
     """dataset name (coordination: favorable, neutral, unfavorable; reacher: expert-mix; ant: random, medium,
-    full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder"""
+    full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder (default: per task)"""
     seed: int = 0
     """seed of everything random in the run"""
     total_steps: int | None = None
@@ -57,15 +59,22 @@ class Args:
     """Adam learning rate"""
     hidden: int | None = None
     """units in each of the two hidden layers (default: per task; paper 256)"""
+    memory: int | None = None
+    """past (observation, action) pairs each agent remembers; default: 10 (the paper's) when the
+    observation setting hides part of the state, 0 (no memory module) otherwise"""
+    memory_dim: int = 128
+    """width e_h of the memory module's embedding and of its summary"""
+    memory_learning_rate: float = 1e-4
+    """Adam learning rate of the memory module (the paper's, for every algorithm)"""
 
 
 # Defaults that depend on the task, used for every field left at None.
 TASK_DEFAULTS = {
     # coordination: 64 units as in every script on this task (two actions, a 1-d observation)
-    "coordination": dict(total_steps=1000, eval_every=0, hidden=64),
+    "coordination": dict(dataset="unfavorable", total_steps=1000, eval_every=0, hidden=64),
     # MuJoCo: the paper's 1e6 steps and 2x256 networks
-    "reacher": dict(total_steps=1_000_000, eval_every=50_000, hidden=256),
-    "ant": dict(total_steps=1_000_000, eval_every=50_000, hidden=256),
+    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256),
+    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256),
 }
 
 
@@ -82,35 +91,77 @@ class BatchedLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-class Policies(nn.Module):
-    """All agents' policies: observations [N, B, O] -> action logits [N, B, n_actions] (categorical
-    actions) or pre-tanh actions [N, B, act_dim] (continuous actions, n_actions None)."""
+class Memory(nn.Module):
+    """Each agent's summary of its last K (observation, action) pairs (paper Appendix A): a linear
+    embedding plus sinusoidal positional encodings, one scaled dot-product self-attention layer
+    with a skip connection and layer norm, then soft-attention pooling (a bias-less key layer
+    and a trainable query) into one vector. Steps before the episode's start are masked out;
+    with no past at all the summary is zero.
+    All agents at once: tokens [N, B, K, O + A], mask [B, K] -> summaries [N, B, E]."""
 
-    def __init__(self, n_agents: int, obs_dim: int, n_actions: int | None, act_dim: int, hidden: int, obs_mean, obs_std):
+    def __init__(self, n_agents: int, token_dim: int, length: int, dim: int):
         super().__init__()
-        self.categorical = n_actions is not None
+        self.embed = BatchedLinear(n_agents, token_dim, dim)
+        self.qkv = BatchedLinear(n_agents, dim, 3 * dim)
+        self.norm_gain = nn.Parameter(torch.ones(n_agents, 1, 1, dim))
+        self.norm_bias = nn.Parameter(torch.zeros(n_agents, 1, 1, dim))
+        bound = 1 / math.sqrt(dim)
+        self.soft_key = nn.Parameter(torch.empty(n_agents, dim, dim).uniform_(-bound, bound))
+        self.soft_query = nn.Parameter(torch.randn(n_agents, dim, 1))
+        position = torch.arange(length).unsqueeze(1) / 10_000 ** (torch.arange(0, dim, 2) / dim)
+        self.register_buffer("position", torch.stack([position.sin(), position.cos()], -1).flatten(1))  # [K, E]
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, b, k, _ = tokens.shape
+        x = self.embed(tokens.flatten(1, 2)).view(n, b, k, -1) + self.position
+        q, key, v = self.qkv(x.flatten(1, 2)).view(n, b, k, 3, -1).unbind(3)
+        hidden = -1e9 * ~mask  # [B, K] additive mask: masked steps get no attention
+        attention = torch.softmax(q @ key.transpose(-1, -2) / math.sqrt(x.shape[-1]) + hidden[:, None], -1)
+        x = F.layer_norm(x + attention @ v, x.shape[-1:]) * self.norm_gain + self.norm_bias
+        scores = torch.bmm(torch.bmm(x.flatten(1, 2), self.soft_key), self.soft_query).view(n, b, k)
+        weights = torch.softmax(scores / math.sqrt(x.shape[-1]) + hidden, -1)
+        return (weights.unsqueeze(-1) * x).sum(2) * mask.any(-1, keepdim=True)
+
+
+class Policies(nn.Module):
+    """All agents' policies: observations [N, B, O] (and, with memory, each agent's past observations
+    [N, B, K, O], actions [N, B, K, A] and mask [B, K]) -> action logits [N, B, n_actions]
+    (categorical actions) or pre-tanh actions [N, B, act_dim] (continuous actions)."""
+
+    def __init__(self, env, hidden: int, obs_mean, obs_std, memory: int, memory_dim: int):
+        super().__init__()
+        n, self.categorical = env.n_agents, env.n_actions is not None
         self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32).unsqueeze(1))  # [N, 1, O]
         self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32).unsqueeze(1))
+        self.memory = Memory(n, env.obs_dim + env.act_dim, memory, memory_dim) if memory else None
         self.net = nn.Sequential(
-            BatchedLinear(n_agents, obs_dim, hidden), nn.ReLU(),
-            BatchedLinear(n_agents, hidden, hidden), nn.ReLU(),
-            BatchedLinear(n_agents, hidden, n_actions if self.categorical else act_dim),
+            BatchedLinear(n, env.obs_dim + (memory_dim if memory else 0), hidden), nn.ReLU(),
+            BatchedLinear(n, hidden, hidden), nn.ReLU(),
+            BatchedLinear(n, hidden, env.n_actions if self.categorical else env.act_dim),
         )  # fmt: skip
 
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net((obs - self.obs_mean) / self.obs_std)
+    def forward(self, obs, past_obs=None, past_actions=None, mask=None) -> torch.Tensor:
+        x = (obs - self.obs_mean) / self.obs_std
+        if self.memory is not None:
+            past = (past_obs - self.obs_mean.unsqueeze(2)) / self.obs_std.unsqueeze(2)
+            x = torch.cat([x, self.memory(torch.cat([past, past_actions], -1), mask)], -1)
+        return self.net(x)
 
-    def loss(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def loss(self, actions: torch.Tensor, *inputs) -> torch.Tensor:
         """Behaviour-cloning loss of the recorded actions ([N, B] integers or [N, B, act_dim])."""
-        out = self(obs)
+        out = self(*inputs)
         if self.categorical:
             return F.cross_entropy(out.flatten(0, 1), actions.flatten())
         return ((torch.tanh(out) - actions) ** 2).mean()
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        """Greedy actions of the N agents from their observations [N, O]."""
-        out = self(torch.as_tensor(obs, device=self.obs_mean.device).unsqueeze(1)).squeeze(1)
+    def act(self, obs: np.ndarray, *past: np.ndarray) -> np.ndarray:
+        """Greedy actions of the N agents from their observations [N, O] (and, with memory, their
+        past observations [N, K, O], actions [N, K, A] and mask [K], as envs.evaluate passes them)."""
+        device = self.obs_mean.device
+        # a batch of one: [N, 1, ...] per agent, and the mask [1, K]
+        past = [torch.as_tensor(x, device=device).unsqueeze(1 if x.ndim > 1 else 0) for x in past]
+        out = self(torch.as_tensor(obs, device=device).unsqueeze(1), *past).squeeze(1)
         return (out.argmax(-1) if self.categorical else torch.tanh(out)).cpu().numpy()
 
 
@@ -121,6 +172,10 @@ def main(args: Args) -> dict:
     start_time = time.time()
     env = envs.make(args.task, args.obs)
     dataset = data.load(env, args.dataset)
+    if args.memory is None:
+        args.memory = 10 if envs.partially_observed(env) else 0
+    if args.memory and env.n_actions is not None:
+        raise envs.UserInputError("--memory needs continuous actions (the coordination game is fully observed): use --memory 0")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__ibc__{args.seed}__{int(start_time)}"
     run_dir = Path(args.runs_dir) / run_name
     writer = SummaryWriter(str(run_dir))
@@ -134,18 +189,29 @@ def main(args: Args) -> dict:
     # agent-major on the device, so that a batch is already [N, B, ...]
     observations = torch.as_tensor(dataset.observations, device=device).transpose(0, 1)
     actions = torch.as_tensor(dataset.actions, device=device).transpose(0, 1)
+    episode_first = torch.as_tensor(dataset.episode_first(), device=device)
     obs_mean, obs_std = dataset.stats("observations")
-    policy = Policies(env.n_agents, env.obs_dim, env.n_actions, env.act_dim, args.hidden, obs_mean, obs_std).to(device)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    policy = Policies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim).to(device)
+    groups = [{"params": policy.net.parameters()}]
+    if args.memory:
+        groups.append({"params": policy.memory.parameters(), "lr": args.memory_learning_rate})
+    optimizer = torch.optim.Adam(groups, lr=args.learning_rate)
+
+    def inputs(idx: torch.Tensor) -> tuple:
+        """The policies' inputs at transitions idx: observations, and with memory the agents' past."""
+        if not args.memory:
+            return (observations[:, idx],)
+        past, mask = data.history_index(episode_first[idx], idx, args.memory)
+        return observations[:, idx], observations[:, past], actions[:, past], mask
 
     def evaluate() -> tuple[float, float]:
-        returns = envs.evaluate(env, policy.act, args.eval_episodes, seed=args.seed)
+        returns = envs.evaluate(env, policy.act, args.eval_episodes, seed=args.seed, memory=args.memory)
         return float(returns.mean()), data.normalized_score(args.task, returns)
 
     print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
     for step in range(1, args.total_steps + 1):
         idx = torch.randint(len(dataset), (args.batch_size,), device=device)
-        loss = policy.loss(observations[:, idx], actions[:, idx])
+        loss = policy.loss(actions[:, idx], *inputs(idx))
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

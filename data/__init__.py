@@ -59,6 +59,10 @@ class Dataset:
         mean, std = x.mean(0), x.std(0)
         return mean.astype(np.float32), np.where(std < 1e-6, 1.0, std).astype(np.float32)
 
+    def episode_first(self) -> np.ndarray:
+        """[T] index of the first transition of each transition's episode (for histories)."""
+        return np.maximum.accumulate(np.where(self.episode_starts, np.arange(len(self.episode_starts)), 0))
+
     def episode_returns(self) -> np.ndarray:
         """Undiscounted return of every episode (a trailing unfinished episode included)."""
         episode_index = np.cumsum(self.episode_starts) - 1
@@ -209,6 +213,24 @@ def to_multi_agent(raw: dict[str, np.ndarray], env, source: str = "dataset") -> 
         timeouts=timeouts,
         episode_starts=episode_starts,
     )
+
+
+def history_index(first, t, length: int):
+    """The `length` transitions before time steps `t` [B] within their episodes, for memory.
+
+    `first` [B] is the index of the first transition of each one's episode (`episode_first()`
+    at the transition; for the history of s_{t+1} pass t + 1 with the first of t's episode).
+    Returns indices [B, length], oldest first, and a mask [B, length], False before the
+    episode's start (those indices are clamped to valid rows; their content is meaningless).
+    Works on numpy arrays and torch tensors alike.
+    """
+    offsets = np.arange(-length, 0)
+    if not isinstance(t, np.ndarray):
+        import torch
+
+        offsets = torch.as_tensor(offsets, device=t.device)
+    steps = t[:, None] + offsets
+    return steps.clip(0, None), steps >= first[:, None]
 
 
 def normalized_score(task: str, returns) -> float:

@@ -64,6 +64,7 @@ def collect(task: str, policies: list, steps_each: list[int], seed: int, num_env
     torch.manual_seed(seed)
     columns = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")}
     total, done_steps, start = sum(steps_each), 0, time.time()
+    last_report = start
     for p, (policy, steps) in enumerate(zip(policies, steps_each)):
         # each policy starts fresh episodes, so that every episode in the file has one behaviour policy
         obs, _ = envs.reset(seed=seed + p)
@@ -80,13 +81,12 @@ def collect(task: str, policies: list, steps_each: list[int], seed: int, num_env
             obs = next_obs
             collected += num_envs
             done_steps += num_envs
-            if progress and done_steps % (num_envs * 2000) < num_envs:
-                rate = done_steps / (time.time() - start)
-                print(f"\r{progress}: {done_steps}/{total} transitions, {rate:.0f}/s", end="", file=sys.stderr, flush=True)
+            if progress and (time.time() - last_report > 30 or done_steps >= total):
+                # one line every 30 s (not a carriage-return bar: it piles up in log files)
+                rate, last_report = done_steps / (time.time() - start), time.time()
+                print(f"{progress}: {done_steps:,}/{total:,} transitions, {rate:.0f}/s", file=sys.stderr, flush=True)
         # the last, unfinished episode of each environment is cut with a time-out
         columns["timeouts"][-1] = columns["timeouts"][-1] | ~columns["terminals"][-1]
-    if progress:
-        print(file=sys.stderr)
     # [steps, envs, ...] -> one environment's episodes after another, cut to the size asked for
     out = {k: np.stack(v).swapaxes(0, 1).reshape(-1, *np.shape(v[0])[1:])[:total] for k, v in columns.items()}
     out["timeouts"][-1] |= ~out["terminals"][-1]

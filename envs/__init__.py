@@ -88,17 +88,37 @@ def stack_observations(env, obs: dict[str, np.ndarray]) -> np.ndarray:
     return out
 
 
-def evaluate(env, policy: Callable[[np.ndarray], np.ndarray], episodes: int, seed: int) -> np.ndarray:
+def partially_observed(env) -> bool:
+    """Whether some agent misses part of the global state (then the agents need memory)."""
+    return any(not set(range(env.state_dim)) <= set(row) for row in env.obs_index.tolist())
+
+
+def evaluate(env, policy: Callable[..., np.ndarray], episodes: int, seed: int, memory: int = 0) -> np.ndarray:
     """Run `episodes` episodes with a decentralised policy and return each team return.
 
     `policy` maps the agents' observations [N, obs_dim] to their actions ([N] integers for
     categorical tasks, [N, act_dim] otherwise). Episode e is reset with seed `seed + e`.
+    With `memory` K > 0 it is called as policy(obs, past_obs, past_actions, mask) with each
+    agent's last K observations [N, K, obs_dim] and actions [N, K, ...] (oldest first) and
+    mask [K], False for the steps before the episode started.
     """
     returns = np.zeros(episodes)
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
+        if memory:
+            action_shape = () if env.n_actions is not None else (env.act_dim,)
+            past_obs = np.zeros((env.n_agents, memory, env.obs_dim), dtype=np.float32)
+            past_actions = np.zeros((env.n_agents, memory, *action_shape), dtype=np.float32)
+            mask = np.zeros(memory, dtype=bool)
         while env.agents:
-            actions = policy(stack_observations(env, obs))
+            stacked = stack_observations(env, obs)
+            if memory:
+                actions = policy(stacked, past_obs, past_actions, mask)
+                # shift the window by one step and append this step (oldest first)
+                past_obs, past_actions, mask = np.roll(past_obs, -1, 1), np.roll(past_actions, -1, 1), np.roll(mask, -1)
+                past_obs[:, -1], past_actions[:, -1], mask[-1] = stacked, actions, True
+            else:
+                actions = policy(stacked)
             obs, rewards, _, _, _ = env.step({a: actions[i] for i, a in enumerate(env.possible_agents)})
             returns[episode] += rewards[env.possible_agents[0]]  # the reward is shared
     return returns
