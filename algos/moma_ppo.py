@@ -21,9 +21,11 @@
 # - Advantages are normalised per batch (as MAPPO does); the paper does not say.
 # - Coordination game: a smaller world model and a larger learning rate than the paper's
 #   MuJoCo settings, see TASK_DEFAULTS.
+# - Under partial observability each agent's policy and value read a memory summary of its
+#   last 10 (observation, action) pairs (appendix A); rollout histories start with the
+#   dataset's history of the start state and grow with the generated steps.
 # - Continuous actions (Gaussian policies, action-bound penalty, per-dimension entropy
-#   temperatures) run, but have only been smoke-tested so far; there is no memory module
-#   yet, so under partial observability each agent acts on its current observation.
+#   temperatures) run, but the MuJoCo settings are not validated yet (issue #4).
 import json
 import math
 import random
@@ -126,6 +128,15 @@ class Args:
     """target entropy per agent and action dimension, in nats (default: per task; paper -4 reacher, -6 ant)"""
     action_penalty: float = 1.0
     """weight of the penalty on actions beyond [-1, 1] (continuous actions)"""
+
+    # memory (appendix A)
+    memory: int | None = None
+    """past (observation, action) pairs each agent remembers; default: 10 (the paper's) when the
+    observation setting hides part of the state, 0 (no memory module) otherwise"""
+    memory_dim: int = 128
+    """width e_h of the memory module's embedding and of its summary"""
+    memory_learning_rate: float = 1e-4
+    """Adam learning rate of the memory module (the paper's)"""
 
 
 # Defaults that depend on the task, used for every field left at None.
@@ -330,23 +341,71 @@ def train_world_model(args, dataset, encode_actions, device, writer, generator):
 # MAPPO agents
 # ---------------------------------------------------------------------------------------
 # The two action types share one interface, so that the training loop is the same for both:
-#   distribution(obs [N, B, O]) -> a torch distribution over the agents' actions
+#   features(obs [N, B, O], *past) -> the agents' inputs [N, B, F]: normalised observations, with
+#       memory followed by the summary of each agent's past (past_obs [N, B, K, O],
+#       past_actions [N, B, K, ...], mask [B, K]); the value network reads the same features
+#   distribution(features) -> a torch distribution over the agents' actions
 #   log_prob_dims(dist, actions) -> [N, B, D] log-probabilities per action dimension
 #   encode(actions [B, N, ...]) -> the world model's joint-action input [B, N * ...]
 #   bound_error(actions [N, B, ...]) -> [N, B] squared excess over the action bounds
-#   act(obs [N, O]) -> greedy actions, for evaluation
-class CategoricalPolicies(nn.Module):
-    """All agents' categorical policies in one batched network: observations [N, B, O] -> logits."""
+#   act(obs [N, O], *past) -> greedy actions, for evaluation
+class Memory(nn.Module):
+    """Each agent's summary of its last K (observation, action) pairs (paper Appendix A): a linear
+    embedding plus sinusoidal positional encodings, one scaled dot-product self-attention layer
+    with a skip connection and layer norm, then soft-attention pooling (a bias-less key layer
+    and a trainable query) into one vector. Steps before the episode's start are masked out;
+    with no past at all the summary is zero.
+    All agents at once: tokens [N, B, K, O + A], mask [B, K] -> summaries [N, B, E]."""
 
-    def __init__(self, n_agents, obs_dim, n_actions, hidden, obs_mean, obs_std):
+    def __init__(self, n_agents: int, token_dim: int, length: int, dim: int):
         super().__init__()
-        self.n_agents, self.n_actions = n_agents, n_actions
+        self.embed = BatchedLinear(n_agents, token_dim, dim)
+        self.qkv = BatchedLinear(n_agents, dim, 3 * dim)
+        self.norm_gain = nn.Parameter(torch.ones(n_agents, 1, 1, dim))
+        self.norm_bias = nn.Parameter(torch.zeros(n_agents, 1, 1, dim))
+        bound = 1 / math.sqrt(dim)
+        self.soft_key = nn.Parameter(torch.empty(n_agents, dim, dim).uniform_(-bound, bound))
+        self.soft_query = nn.Parameter(torch.randn(n_agents, dim, 1))
+        position = torch.arange(length).unsqueeze(1) / 10_000 ** (torch.arange(0, dim, 2) / dim)
+        self.register_buffer("position", torch.stack([position.sin(), position.cos()], -1).flatten(1))  # [K, E]
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, b, k, _ = tokens.shape
+        x = self.embed(tokens.flatten(1, 2)).view(n, b, k, -1) + self.position
+        q, key, v = self.qkv(x.flatten(1, 2)).view(n, b, k, 3, -1).unbind(3)
+        hidden = -1e9 * ~mask  # [B, K] additive mask: masked steps get no attention
+        attention = torch.softmax(q @ key.transpose(-1, -2) / math.sqrt(x.shape[-1]) + hidden[:, None], -1)
+        x = F.layer_norm(x + attention @ v, x.shape[-1:]) * self.norm_gain + self.norm_bias
+        scores = torch.bmm(torch.bmm(x.flatten(1, 2), self.soft_key), self.soft_query).view(n, b, k)
+        weights = torch.softmax(scores / math.sqrt(x.shape[-1]) + hidden, -1)
+        return (weights.unsqueeze(-1) * x).sum(2) * mask.any(-1, keepdim=True)
+
+
+class CategoricalPolicies(nn.Module):
+    """All agents' categorical policies in one batched network: features [N, B, F] -> logits."""
+
+    def __init__(self, env, hidden, obs_mean, obs_std, memory=0, memory_dim=128, n_outputs=None):
+        super().__init__()
+        self.n_agents, self.n_actions = env.n_agents, env.n_actions
         self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32).unsqueeze(1))  # [N, 1, O]
         self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32).unsqueeze(1))
-        self.net = batched_mlp(n_agents, [obs_dim, hidden, hidden, n_actions], nn.Tanh)
+        # tokens: an observation and the action taken (one-hot for categorical actions)
+        self.memory = Memory(env.n_agents, env.obs_dim + (env.n_actions or env.act_dim), memory, memory_dim) if memory else None
+        self.feature_dim = env.obs_dim + (memory_dim if memory else 0)
+        self.net = batched_mlp(env.n_agents, [self.feature_dim, hidden, hidden, n_outputs or env.n_actions], nn.Tanh)
 
-    def distribution(self, obs: torch.Tensor) -> torch.distributions.Categorical:
-        return torch.distributions.Categorical(logits=self.net((obs - self.obs_mean) / self.obs_std))
+    def features(self, obs, past_obs=None, past_actions=None, mask=None) -> torch.Tensor:
+        x = (obs - self.obs_mean) / self.obs_std
+        if self.memory is None:
+            return x
+        past = (past_obs - self.obs_mean.unsqueeze(2)) / self.obs_std.unsqueeze(2)
+        return torch.cat([x, self.memory(torch.cat([past, self.token_actions(past_actions)], -1), mask)], -1)
+
+    def token_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(actions.long(), self.n_actions).float()
+
+    def distribution(self, features: torch.Tensor) -> torch.distributions.Categorical:
+        return torch.distributions.Categorical(logits=self.net(features))
 
     def log_prob_dims(self, dist, actions: torch.Tensor) -> torch.Tensor:
         return dist.log_prob(actions).unsqueeze(-1)  # one "dimension" per agent
@@ -357,10 +416,17 @@ class CategoricalPolicies(nn.Module):
     def bound_error(self, actions: torch.Tensor) -> torch.Tensor:
         return torch.zeros(actions.shape[:2], device=actions.device)
 
+    def greedy(self, dist) -> torch.Tensor:
+        return dist.probs.argmax(-1)
+
     @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        obs = torch.as_tensor(obs, device=self.obs_mean.device).unsqueeze(1)
-        return self.distribution(obs).probs.argmax(-1).squeeze(1).cpu().numpy()
+    def act(self, obs: np.ndarray, *past: np.ndarray) -> np.ndarray:
+        """Greedy actions from the agents' observations [N, O] (and their past, as envs.evaluate passes it)."""
+        device = self.obs_mean.device
+        # a batch of one: [N, 1, ...] per agent, and the mask [1, K]
+        past = [torch.as_tensor(x, device=device).unsqueeze(1 if x.ndim > 1 else 0) for x in past]
+        features = self.features(torch.as_tensor(obs, device=device).unsqueeze(1), *past)
+        return self.greedy(self.distribution(features)).squeeze(1).cpu().numpy()
 
 
 class GaussianPolicies(CategoricalPolicies):
@@ -369,12 +435,14 @@ class GaussianPolicies(CategoricalPolicies):
 
     LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
 
-    def __init__(self, n_agents, obs_dim, act_dim, hidden, obs_mean, obs_std):
-        super().__init__(n_agents, obs_dim, 2 * act_dim, hidden, obs_mean, obs_std)
-        self.act_dim = act_dim
+    def __init__(self, env, hidden, obs_mean, obs_std, memory=0, memory_dim=128):
+        super().__init__(env, hidden, obs_mean, obs_std, memory, memory_dim, n_outputs=2 * env.act_dim)
 
-    def distribution(self, obs: torch.Tensor) -> torch.distributions.Normal:
-        mean, raw_log_std = self.net((obs - self.obs_mean) / self.obs_std).chunk(2, -1)
+    def token_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        return actions.clamp(-1, 1)
+
+    def distribution(self, features: torch.Tensor) -> torch.distributions.Normal:
+        mean, raw_log_std = self.net(features).chunk(2, -1)
         log_std = self.LOG_STD_MIN + (self.LOG_STD_MAX - self.LOG_STD_MIN) * torch.sigmoid(raw_log_std)
         return torch.distributions.Normal(mean, log_std.exp())
 
@@ -388,29 +456,47 @@ class GaussianPolicies(CategoricalPolicies):
         excess = (actions.abs() - 1).clamp(min=0)
         return (excess**2).sum(-1)
 
-    @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        obs = torch.as_tensor(obs, device=self.obs_mean.device).unsqueeze(1)
-        return self.distribution(obs).mean.squeeze(1).clamp(-1, 1).cpu().numpy()
+    def greedy(self, dist) -> torch.Tensor:
+        return dist.mean.clamp(-1, 1)
 
 
 class MixedValue(nn.Module):
-    """Centralised value with QMIX-style decomposition: V(s) = sum_i w_i(s) V_i(o_i) + b(s), w_i >= 0."""
+    """Centralised value with QMIX-style decomposition: V(s) = sum_i w_i(s) V_i(h_i) + b(s), w_i >= 0,
+    where h_i are the agent's features (its observation and memory summary, shared with the policy)."""
 
-    def __init__(self, n_agents, obs_dim, state_dim, hidden, obs_mean, obs_std, state_mean, state_std):
+    def __init__(self, n_agents, feature_dim, state_dim, hidden, state_mean, state_std):
         super().__init__()
-        self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32).unsqueeze(1))
-        self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32).unsqueeze(1))
         self.register_buffer("state_mean", torch.as_tensor(state_mean, dtype=torch.float32))
         self.register_buffer("state_std", torch.as_tensor(state_std, dtype=torch.float32))
-        self.agent_values = batched_mlp(n_agents, [obs_dim, hidden, hidden, 1], nn.Tanh)
+        self.agent_values = batched_mlp(n_agents, [feature_dim, hidden, hidden, 1], nn.Tanh)
         self.mixer = nn.Sequential(nn.Linear(state_dim, hidden), nn.ReLU(), nn.Linear(hidden, n_agents + 1))
 
-    def forward(self, obs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """obs [N, B, O], states [B, S] -> V(s) [B]."""
-        values = self.agent_values((obs - self.obs_mean) / self.obs_std).squeeze(-1)  # [N, B]
+    def forward(self, features: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """features [N, B, F], states [B, S] -> V(s) [B]."""
+        values = self.agent_values(features).squeeze(-1)  # [N, B]
         mix = self.mixer((states - self.state_mean) / self.state_std)  # [B, N + 1]
         return (mix[:, :-1].abs() * values.T).sum(-1) + mix[:, -1]
+
+
+def extend_history(past: tuple, obs: torch.Tensor, actions: torch.Tensor) -> tuple:
+    """Rollout histories one step later: drop the oldest pair, append (obs [N, b, O], actions [N, b, ...]).
+    `past` is (past_obs [N, b, K, O], past_actions [N, b, K, ...], mask [b, K]), or () without memory."""
+    if not past:
+        return ()
+    past_obs, past_actions, mask = past
+    return (
+        torch.cat([past_obs[:, :, 1:], obs.unsqueeze(2)], 2),
+        torch.cat([past_actions[:, :, 1:], actions.unsqueeze(2)], 2),
+        torch.cat([mask[:, 1:], torch.ones_like(mask[:, :1])], 1),
+    )
+
+
+def restart_history(ended: torch.Tensor, fresh: tuple, kept: tuple) -> tuple:
+    """The kept histories, replaced by the fresh ones in the rollout slots that ended ([b] flags)."""
+    return tuple(
+        torch.where(ended.view(1, -1, *[1] * (x.dim() - 2)) if x.dim() > 2 else ended[:, None], f, x)
+        for f, x in zip(fresh, kept)
+    )
 
 
 def timeout_aware_gae(rewards, values, next_values, masks, timeout_masks, gamma, lam):
@@ -442,6 +528,8 @@ def main(args: Args) -> dict:
     start_time = time.time()
     env = envs.make(args.task, args.obs)
     dataset = data.load(env, args.dataset)
+    if args.memory is None:
+        args.memory = 10 if envs.partially_observed(env) else 0
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__moma_ppo__{args.seed}__{int(start_time)}"
     run_dir = Path(args.runs_dir) / run_name
     writer = SummaryWriter(str(run_dir))
@@ -456,58 +544,81 @@ def main(args: Args) -> dict:
 
     obs_mean, obs_std = dataset.stats("observations")
     state_mean, state_std = dataset.stats("states")
-    if env.n_actions is not None:
-        policies = CategoricalPolicies(env.n_agents, env.obs_dim, env.n_actions, args.hidden, obs_mean, obs_std)
-    else:
-        policies = GaussianPolicies(env.n_agents, env.obs_dim, env.act_dim, args.hidden, obs_mean, obs_std)
-    policies = policies.to(device)
+    Policies = CategoricalPolicies if env.n_actions is not None else GaussianPolicies
+    policies = Policies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim).to(device)
     action_dims = 1 if env.n_actions is not None else env.act_dim
-    value = MixedValue(env.n_agents, env.obs_dim, env.state_dim, args.hidden, obs_mean, obs_std, state_mean, state_std).to(device)
+    value = MixedValue(env.n_agents, policies.feature_dim, env.state_dim, args.hidden, state_mean, state_std).to(device)
     world_model = train_world_model(args, dataset, policies.encode, device, writer, generator)
-    optimizer = torch.optim.Adam([*policies.parameters(), *value.parameters()], lr=args.learning_rate)
+    groups = [{"params": [*policies.net.parameters(), *value.parameters()]}]
+    if args.memory:  # shared by the policies and the value network, with its own learning rate
+        groups.append({"params": policies.memory.parameters(), "lr": args.memory_learning_rate})
+    optimizer = torch.optim.Adam(groups, lr=args.learning_rate)
     entropy_alpha = torch.zeros(env.n_agents, action_dims, device=device)  # per agent and action dimension
 
     start_states = torch.as_tensor(dataset.states, device=device)
+    # with memory, a rollout starts with its dataset state's history (agent-major, like the features)
+    episode_first = torch.as_tensor(dataset.episode_first(), device=device)
+    dataset_obs = torch.as_tensor(dataset.observations, device=device).transpose(0, 1)  # [N, T, O]
+    dataset_actions = torch.as_tensor(dataset.actions, device=device).transpose(0, 1)  # [N, T, ...]
     k, b = args.rollout_length, args.rollout_batch
 
+    def sample_starts(n: int) -> tuple[torch.Tensor, tuple]:
+        """n dataset states to start rollouts from, and with memory their histories (past obs, actions, mask)."""
+        idx = torch.randint(len(start_states), (n,), device=device, generator=generator)
+        if not args.memory:
+            return start_states[idx], ()
+        past, mask = data.history_index(episode_first[idx], idx, args.memory)
+        return start_states[idx], (dataset_obs[:, past], dataset_actions[:, past], mask)
+
     def evaluate() -> tuple[float, float]:
-        returns = envs.evaluate(env, policies.act, args.eval_episodes, seed=args.seed)
+        returns = envs.evaluate(env, policies.act, args.eval_episodes, seed=args.seed, memory=args.memory)
         return float(returns.mean()), data.normalized_score(args.task, returns)
 
     ppo_start = time.time()
     for step in range(1, args.total_steps + 1):
         # -- synthetic rollouts through the world model, all slots and agents at once --
-        states = start_states[torch.randint(len(start_states), (b,), device=device, generator=generator)]
+        states, past = sample_starts(b)
         buffer = defaultdict(list)
         with torch.no_grad():
             for t in range(k):
-                dist = policies.distribution(env.observe(states).transpose(0, 1))  # obs [N, b, O]
-                actions = dist.sample()  # [N, b]
+                obs = env.observe(states).transpose(0, 1)  # [N, b, O]
+                dist = policies.distribution(policies.features(obs, *past))
+                actions = dist.sample()  # [N, b, ...]
                 next_states, reward, terminal, eps_r, eps_g = world_model.step(
                     states, policies.encode(actions.transpose(0, 1)), generator
                 )
                 timeout = (eps_g >= args.l_eps) | (t == k - 1)
                 penalty = args.lambda_r * eps_r.clamp(max=args.l_eps) + args.lambda_g * eps_g.clamp(max=args.l_eps)
+                next_past = extend_history(past, obs, actions)
                 transition = dict(
                     states=states, actions=actions, log_probs=policies.log_prob_dims(dist, actions), rewards=reward - penalty,
                     masks=1.0 - terminal.float(), timeout_masks=1.0 - timeout.float(), next_states=next_states,
+                    past=past, next_past=next_past,
                 )  # fmt: skip
                 for key, x in transition.items():
                     buffer[key].append(x)
-                # a finished slot restarts from a fresh dataset state
-                fresh = start_states[torch.randint(len(start_states), (b,), device=device, generator=generator)]
-                states = torch.where((terminal | timeout)[:, None], fresh, next_states)
-            rollout = {key: torch.stack(x) for key, x in buffer.items()}  # [k, ...]
-            obs = env.observe(rollout["states"]).permute(2, 0, 1, 3)  # [N, k, b, O]
-            next_obs = env.observe(rollout["next_states"]).permute(2, 0, 1, 3)
-            values = value(obs.flatten(1, 2), rollout["states"].flatten(0, 1)).view(k, b)
-            next_values = value(next_obs.flatten(1, 2), rollout["next_states"].flatten(0, 1)).view(k, b)
+                # a finished slot restarts from a fresh dataset state (and its history)
+                fresh_states, fresh_past = sample_starts(b)
+                ended = terminal | timeout
+                states = torch.where(ended[:, None], fresh_states, next_states)
+                past = restart_history(ended, fresh_past, next_past)
+            # [k, ...]; the histories [k, N, b, K, ...] become [N, k * b, K, ...] and masks [k * b, K]
+            past, next_past = (
+                tuple(torch.stack(x).transpose(0, 1).flatten(1, 2) if x[0].dim() > 2 else torch.stack(x).flatten(0, 1)
+                      for x in zip(*buffer.pop(key)))
+                for key in ("past", "next_past")
+            )  # fmt: skip
+            rollout = {key: torch.stack(x) for key, x in buffer.items()}
+            obs = env.observe(rollout["states"]).permute(2, 0, 1, 3).flatten(1, 2)  # [N, k * b, O]
+            next_obs = env.observe(rollout["next_states"]).permute(2, 0, 1, 3).flatten(1, 2)
+            flat_states = rollout["states"].flatten(0, 1)
+            values = value(policies.features(obs, *past), flat_states).view(k, b)
+            next_values = value(policies.features(next_obs, *next_past), rollout["next_states"].flatten(0, 1)).view(k, b)
             returns, advantages = timeout_aware_gae(
                 rollout["rewards"], values, next_values, rollout["masks"], rollout["timeout_masks"], args.gamma, args.gae_lambda
             )
 
         # -- MAPPO update on the k * b synthetic transitions --
-        flat_obs, flat_states = obs.flatten(1, 2), rollout["states"].flatten(0, 1)
         flat_actions = rollout["actions"].transpose(0, 1).flatten(1, 2)  # [N, k*b, ...]
         flat_log_probs = rollout["log_probs"].transpose(0, 1).flatten(1, 2)  # [N, k*b, D]
         flat_returns, flat_advantages = returns.flatten(), advantages.flatten()
@@ -515,7 +626,8 @@ def main(args: Args) -> dict:
         for _ in range(args.epochs):
             for idx in torch.randperm(k * b, device=device, generator=generator).split(args.minibatch_size):
                 actions = flat_actions[:, idx]
-                log_probs = policies.log_prob_dims(policies.distribution(flat_obs[:, idx]), actions)  # [N, mb, D]
+                features = policies.features(obs[:, idx], *(x[idx] if x.dim() == 2 else x[:, idx] for x in past))
+                log_probs = policies.log_prob_dims(policies.distribution(features), actions)  # [N, mb, D]
                 ratio = (log_probs - flat_log_probs[:, idx]).sum(-1).exp()  # one ratio per agent: [N, mb]
                 clipped_ratio = ratio.clamp(1 - args.clip, 1 + args.clip)
                 adv = flat_advantages[idx]
@@ -531,7 +643,7 @@ def main(args: Args) -> dict:
                 # appendix A: squared excess over the action bounds, ratio-weighted like the objective
                 bound_error = policies.bound_error(actions)  # [N, mb]
                 bound_penalty = torch.max((ratio * bound_error).mean(1), (clipped_ratio * bound_error).mean(1)).sum()
-                value_loss = ((value(flat_obs[:, idx], flat_states[idx]) - flat_returns[idx]) ** 2).mean()
+                value_loss = ((value(features, flat_states[idx]) - flat_returns[idx]) ** 2).mean()
                 loss = policy_loss + args.critic_coef * value_loss + entropy_bonus + args.action_penalty * bound_penalty
                 optimizer.zero_grad()
                 loss.backward()

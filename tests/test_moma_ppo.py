@@ -97,9 +97,48 @@ def test_world_model_keep_selects_members():
 
 
 def test_mixed_value_weights_are_non_negative():
-    value = moma_ppo.MixedValue(3, 4, 5, 16, np.zeros((3, 4)), np.ones((3, 4)), np.zeros(5), np.ones(5))
+    value = moma_ppo.MixedValue(3, 4, 5, 16, np.zeros(5), np.ones(5))
     obs, states = torch.randn(3, 10, 4), torch.randn(10, 5)
     mix = value.mixer(states)
     agent_values = value.agent_values(obs).squeeze(-1)
     expected = (mix[:, :3].abs() * agent_values.T).sum(-1) + mix[:, 3]
     torch.testing.assert_close(value(obs, states), expected)
+
+
+def test_rollout_histories_extend_and_restart():
+    n, b, k, o = 2, 3, 4, 5
+    past_obs, past_actions = torch.randn(n, b, k, o), torch.randn(n, b, k, 1)
+    mask = torch.tensor([[False, False, True, True], [True] * 4, [False] * 4])
+    obs, actions = torch.randn(n, b, o), torch.randn(n, b, 1)
+    new_obs, new_actions, new_mask = moma_ppo.extend_history((past_obs, past_actions, mask), obs, actions)
+    torch.testing.assert_close(new_obs[:, :, :-1], past_obs[:, :, 1:])
+    torch.testing.assert_close(new_obs[:, :, -1], obs)
+    torch.testing.assert_close(new_actions[:, :, -1], actions)
+    assert new_mask.tolist() == [[False, True, True, True], [True] * 4, [False, False, False, True]]
+    fresh = (torch.zeros(n, b, k, o), torch.zeros(n, b, k, 1), torch.zeros(b, k, dtype=torch.bool))
+    ended = torch.tensor([False, True, False])
+    kept_obs, _, kept_mask = moma_ppo.restart_history(ended, fresh, (new_obs, new_actions, new_mask))
+    assert torch.all(kept_obs[:, 1] == 0) and not kept_mask[1].any()
+    torch.testing.assert_close(kept_obs[:, [0, 2]], new_obs[:, [0, 2]])
+    assert moma_ppo.extend_history((), obs, actions) == ()
+
+
+def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path):
+    """Under PO the policies read a memory summary; the value network reads the same features."""
+    from data import mujoco_datasets
+
+    path = tmp_path / "tiny.npz"
+    np.savez(path, **mujoco_datasets.build("reacher", "expert-mix", size=200))
+    args = moma_ppo.Args(
+        task="reacher", obs="independent", dataset=str(path), total_steps=2, wm_max_steps=20, wm_eval_every=10,
+        rollout_batch=8, minibatch_size=40, hidden=16, wm_hidden=16, wm_layers=1, memory_dim=8, eval_episodes=1,
+        runs_dir=str(tmp_path / "runs"),
+    )  # fmt: skip
+    moma_ppo.main(args)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
+    assert checkpoint["args"]["memory"] == 10
+    assert checkpoint["policies"]["memory.soft_query"].shape == (2, 8, 1)
+    assert checkpoint["value"]["agent_values.0.weight"].shape == (2, 5 + 8, 16)  # observation + memory summary
+    lrs = sorted(group["lr"] for group in checkpoint["optimizer"]["param_groups"])
+    assert lrs == [5e-5, args.memory_learning_rate]
