@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import envs
 from algos import moma_ppo
 
 
@@ -135,10 +136,27 @@ def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path):
         runs_dir=str(tmp_path / "runs"),
     )  # fmt: skip
     moma_ppo.main(args)
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run_dir,) = (tmp_path / "runs").glob("*__*")
     checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
     assert checkpoint["args"]["memory"] == 10
     assert checkpoint["policies"]["memory.soft_query"].shape == (2, 8, 1)
     assert checkpoint["value"]["agent_values.0.weight"].shape == (2, 5 + 8, 16)  # observation + memory summary
     lrs = sorted(group["lr"] for group in checkpoint["optimizer"]["param_groups"])
     assert lrs == [5e-5, args.memory_learning_rate]
+
+
+def test_world_model_is_cached_and_reused_with_the_same_result(tmp_path, capsys):
+    args = dict(dataset="unfavorable", total_steps=2, wm_max_steps=50, wm_eval_every=25, rollout_batch=20,
+                minibatch_size=100, eval_episodes=2, runs_dir=str(tmp_path))  # fmt: skip
+    first = moma_ppo.main(moma_ppo.Args(**args))
+    (cached,) = (tmp_path / "world_models").iterdir()
+    assert "world model: saved" in capsys.readouterr().out
+    second = moma_ppo.main(moma_ppo.Args(**args))
+    assert f"world model: loaded {cached}" in capsys.readouterr().out
+    assert second["return"] == first["return"]
+    runs = sorted(p for p in tmp_path.iterdir() if p.name != "world_models")
+    weights = [torch.load(run / "model.pt", weights_only=False)["policies"] for run in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # an explicit --world-model of the wrong task is one clear error
+    with pytest.raises(envs.UserInputError, match="maps 1-dim states"):
+        moma_ppo.main(moma_ppo.Args(**{**args, "task": "reacher", "dataset": "expert-mix", "world_model": str(cached)}))
