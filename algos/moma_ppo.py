@@ -113,6 +113,8 @@ class Args:
     """penalty on the general uncertainty eps_g"""
     l_eps: float = 1.0
     """uncertainty threshold l_eps: time-out when eps_g >= l_eps; also caps the penalties (inf disables)"""
+    penalty: str = "epistemic"
+    """reward penalty: epistemic (the paper's eps_r, eps_g) or aleatoric (MOPO's, weighted by lambda_g; section 6.3)"""
 
     # MAPPO (appendix A)
     learning_rate: float | None = None
@@ -235,7 +237,8 @@ class WorldModel(nn.Module):
         """One synthetic step for a batch: states [B, S], encoded joint actions [B, A].
 
         Returns the next state sampled from a uniformly chosen member, the mean reward, the
-        majority-vote terminal flag and the epistemic uncertainties eps_r, eps_g, with the next
+        majority-vote terminal flag, the epistemic uncertainties eps_r, eps_g and MOPO's aleatoric
+        uncertainty (the largest norm of a member's predicted standard deviation), with the next
         state and reward clipped to the dataset's bounding box.
         """
         members = self.net[0].weight.shape[0]
@@ -244,6 +247,7 @@ class WorldModel(nn.Module):
         next_states = states + delta_and_reward[..., :-1]
         rewards = delta_and_reward[..., -1]
         eps_r, eps_g = epistemic_uncertainty(next_states, rewards)
+        aleatoric = torch.linalg.vector_norm(log_std.exp() * self.target_std, dim=-1).amax(0)
 
         pick = torch.randint(members, (states.shape[0],), device=states.device, generator=generator)
         rows = torch.arange(states.shape[0], device=states.device)
@@ -252,7 +256,7 @@ class WorldModel(nn.Module):
         terminals = (logit > 0).float().mean(0) > 0.5
         next_state = torch.minimum(torch.maximum(sampled, self.state_low), self.state_high)
         reward = rewards.mean(0).clamp(self.reward_low, self.reward_high)
-        return next_state, reward, terminals, eps_r, eps_g
+        return next_state, reward, terminals, eps_r, eps_g, aleatoric
 
 
 def epistemic_uncertainty(next_states: torch.Tensor, rewards: torch.Tensor):
@@ -528,6 +532,20 @@ class MixedValue(nn.Module):
         return (mix[:, :-1].abs() * values.T).sum(-1) + mix[:, -1]
 
 
+def uncertainty_penalty(eps_r, eps_g, aleatoric, args) -> torch.Tensor:
+    """The reward penalty of section 3.2, lambda_r min(eps_r, l_eps) + lambda_g min(eps_g, l_eps), or with
+    --penalty aleatoric MOPO's lambda_g max_m ||sigma_m(s, a)|| (the ablation of section 6.3)."""
+    if args.penalty == "aleatoric":
+        return args.lambda_g * aleatoric
+    return args.lambda_r * eps_r.clamp(max=args.l_eps) + args.lambda_g * eps_g.clamp(max=args.l_eps)
+
+
+def adaptive_timeout(eps_g: torch.Tensor, l_eps: float) -> torch.Tensor:
+    """Cut a rollout with a time-out once the world model is unreliable: eps_g >= l_eps (section 3.2).
+    Tested on eps_g itself: the paper's released code clamps eps_g to l_eps first, so it never fires."""
+    return eps_g >= l_eps
+
+
 def extend_history(past: tuple, obs: torch.Tensor, actions: torch.Tensor) -> tuple:
     """Rollout histories one step later: drop the oldest pair, append (obs [N, b, O], actions [N, b, ...]).
     `past` is (past_obs [N, b, K, O], past_actions [N, b, K, ...], mask [b, K]), or () without memory."""
@@ -580,6 +598,8 @@ def main(args: Args) -> dict:
     dataset = data.load(env, args.dataset)
     if args.memory is None:
         args.memory = 10 if envs.partially_observed(env) else 0
+    if args.penalty not in ("epistemic", "aleatoric"):
+        raise envs.UserInputError(f"unknown --penalty '{args.penalty}'; choose epistemic or aleatoric")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__moma_ppo__{args.seed}__{int(start_time)}"
     run_dir = Path(args.runs_dir) / run_name
     writer = SummaryWriter(str(run_dir))
@@ -646,11 +666,11 @@ def main(args: Args) -> dict:
                 obs = env.observe(states).transpose(0, 1)  # [N, b, O]
                 dist = policies.distribution(policies.features(obs, *past))
                 actions = dist.sample()  # [N, b, ...]
-                next_states, reward, terminal, eps_r, eps_g = world_model.step(
+                next_states, reward, terminal, eps_r, eps_g, aleatoric = world_model.step(
                     states, policies.encode(actions.transpose(0, 1)), generator
                 )
-                timeout = (eps_g >= args.l_eps) | (t == k - 1)
-                penalty = args.lambda_r * eps_r.clamp(max=args.l_eps) + args.lambda_g * eps_g.clamp(max=args.l_eps)
+                timeout = adaptive_timeout(eps_g, args.l_eps) | (t == k - 1)
+                penalty = uncertainty_penalty(eps_r, eps_g, aleatoric, args)
                 next_past = extend_history(past, obs, actions)
                 transition = dict(
                     states=states, actions=actions, log_probs=policies.log_prob_dims(dist, actions), rewards=reward - penalty,

@@ -77,7 +77,7 @@ def test_world_model_step_votes_averages_and_clips(monkeypatch):
     logits[:, 0] *= -1  # slot 0: only 2 of 5 vote terminal
     monkeypatch.setattr(model, "forward", lambda s, a: (torch.cat([change, reward], -1), log_std, logits))
     states = torch.tensor([[0.0, 0.0], [0.9, 0.9], [-0.5, 0.2]])
-    next_states, rewards, terminals, eps_r, eps_g = model.step(states, torch.zeros(B, 1))
+    next_states, rewards, terminals, eps_r, eps_g, aleatoric = model.step(states, torch.zeros(B, 1))
     assert terminals.tolist() == [False, True, True]
     torch.testing.assert_close(rewards, torch.ones(B))  # mean 2, clipped to the dataset's max reward 1
     # the sampled next state is one member's prediction, clipped to the dataset's bounding box
@@ -86,6 +86,31 @@ def test_world_model_step_votes_averages_and_clips(monkeypatch):
     assert torch.all(next_states <= 1.0) and torch.all(next_states >= -1.0)
     assert torch.all(next_states[1] <= 1.0)
     torch.testing.assert_close(eps_r, torch.full((B,), 2.5))  # var(0..4, ddof=1)
+    assert torch.all(aleatoric < 1e-10)
+
+
+def test_aleatoric_uncertainty_is_the_largest_member_std_norm(monkeypatch):
+    model = _tiny_model()
+    # member m predicts a standard deviation of (m + 1) / 10 in each of the 3 outputs
+    log_std = torch.log(torch.arange(1.0, 6.0) / 10).view(5, 1, 1).expand(5, 2, 3)
+    monkeypatch.setattr(model, "forward", lambda s, a: (torch.zeros(5, 2, 3), log_std, torch.zeros(5, 2)))
+    *_, aleatoric = model.step(torch.zeros(2, 2), torch.zeros(2, 1))
+    torch.testing.assert_close(aleatoric, torch.full((2,), 0.5 * 3**0.5))
+
+
+def test_penalty_is_capped_but_the_timeout_fires_from_the_threshold_on():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(lambda_r=2.0, lambda_g=1.0, l_eps=1.0, penalty="epistemic")
+    eps_g = torch.tensor([0.5, 0.999, 1.0, 1.001, 7.0])
+    eps_r = torch.full_like(eps_g, 0.25)
+    assert moma_ppo.adaptive_timeout(eps_g, args.l_eps).tolist() == [False, False, True, True, True]
+    assert not moma_ppo.adaptive_timeout(eps_g, float("inf")).any()  # l_eps = inf disables adaptive rollouts
+    penalty = moma_ppo.uncertainty_penalty(eps_r, eps_g, None, args)
+    torch.testing.assert_close(penalty, 0.5 + torch.tensor([0.5, 0.999, 1.0, 1.0, 1.0]))
+    aleatoric = torch.tensor([0.1, 3.0, 0.0, 0.0, 0.0])
+    args.penalty = "aleatoric"
+    torch.testing.assert_close(moma_ppo.uncertainty_penalty(eps_r, eps_g, aleatoric, args), aleatoric)
 
 
 def test_world_model_keep_selects_members():
