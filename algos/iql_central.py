@@ -7,14 +7,23 @@
 # actions (eq. 1 of Appendix A), Q(s, a) by SARSA-style regression on r + gamma V(s') (eq. 2),
 # and extracts the policy by advantage-weighted regression (AWR, eq. 3).
 #
-# Categorical actions: the joint action is one of n_actions ** n_agents combinations, indexed
-# by the mixed-radix number whose digit i (weight n_actions ** i) is agent i's action; the Q
-# network outputs one value per joint action and the policy is categorical over them.
+# Categorical actions (coordination): the joint action is one of n_actions ** n_agents
+# combinations, indexed by the mixed-radix number whose digit i (weight n_actions ** i) is agent
+# i's action; the Q network outputs one value per joint action and the policy is categorical
+# over them.
 #
-# Differences from the paper / the official implementation: the policy is categorical (the
-# paper's IQL uses tanh-Gaussians on continuous tasks, which come later); as in CORL's IQL,
-# the advantage and the Q target use V before this step's V update, so that the three losses
-# come from one batch and are minimised with one backward pass (their parameters are disjoint).
+# Continuous actions (reacher, ant): the joint action is the simulator's action vector, the
+# agents' actions put together by env.join_actions (N * act_dim values in [-1, 1]); it is an
+# input of the Q networks beside the state, and the policy is a Gaussian over it with mean
+# tanh(MLP(s)). Evaluation acts with the mean and hands each agent its part (env.split_actions).
+#
+# Differences from the paper / the official implementation: the paper describes tanh-squashed
+# Gaussians with a state-dependent variance; we follow the official code instead (tanh on the
+# mean only, a learned log std that does not depend on the state, clamped to [-5, 2]) but
+# without its cosine decay of the policy's learning rate; as in CORL's IQL, the advantage and
+# the Q target use V before this step's V update (the official code updates V first), so that
+# the three losses come from one batch and are minimised with one backward pass (their
+# parameters are disjoint).
 import json
 import math
 import random
@@ -38,12 +47,13 @@ import envs  # noqa: E402
 @dataclass
 class Args:
     task: str = "coordination"
-    """environment: coordination"""
+    """environment: coordination, reacher or ant"""
     obs: str | None = None
-    """observation setting (default: the task's first one; coordination has only `fo`); unused by the
-    centralized agent, which sees the global state, but part of the run name"""
-    dataset: str = "unfavorable"
-    """dataset name (coordination: favorable, neutral, unfavorable) or a .npz/.hdf5 file"""
+    """observation setting (default: the task's first; coordination: fo; reacher: all-observant, independent,
+    leader-only; ant: fo, po); unused by the centralized agent, which sees the global state, but part of the run name"""
+    dataset: str | None = None
+    """dataset name (coordination: favorable, neutral, unfavorable; reacher: expert-mix; ant: random, medium,
+    full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder (default: per task)"""
     seed: int = 0
     """seed of everything random in the run"""
     total_steps: int | None = None
@@ -51,7 +61,7 @@ class Args:
     eval_every: int | None = None
     """evaluate every this many steps, 0 for only at the end (default: per task)"""
     eval_episodes: int = 100
-    """episodes per evaluation (greedy joint actions)"""
+    """episodes per evaluation (greedy joint actions: the most likely one, or the Gaussian's mean)"""
     cuda: bool = False
     """use the GPU when one is available"""
     runs_dir: str = "runs"
@@ -59,7 +69,7 @@ class Args:
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4
-    """Adam learning rate of the Q, V and policy networks"""
+    """Adam learning rate of the Q, V and policy networks (the Gaussian's log std included)"""
     hidden: int | None = None
     """units in each of the two hidden layers of every network (default: per task; paper 256)"""
     gamma: float = 0.99
@@ -80,9 +90,13 @@ class Args:
 TASK_DEFAULTS = {
     # coordination: every seed and dataset has converged to 1.0 by step 200; 600 leaves margin.
     # 64 units as in every script on this task (two actions, a 1-d state).
-    "coordination": dict(total_steps=600, eval_every=0, hidden=64),
+    "coordination": dict(dataset="unfavorable", total_steps=600, eval_every=0, hidden=64),
+    # MuJoCo: the paper's 1e6 steps and 2x256 networks
+    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256),
+    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256),
 }
-MAX_JOINT_ACTIONS = 4096  # the Q network has one output per joint action
+MAX_JOINT_ACTIONS = 4096  # categorical actions: the Q network has one output per joint action
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # continuous actions: the Gaussian's log std range, as in the official IQL
 
 
 class BatchedLinear(nn.Module):
@@ -103,25 +117,32 @@ def mlp(fan_in: int, hidden: int, fan_out: int) -> nn.Sequential:
 
 
 class TwinQ(nn.Module):
-    """Two Q networks as one batched network: normalised states [B, S] -> Q of every joint action [2, B, J]."""
+    """Two Q networks as one batched network. Categorical actions (`n_joint` of them): normalised states
+    [B, S] -> Q of every joint action [2, B, J]; continuous ones (`n_joint` None): states and joint actions
+    [B, S + joint_dim] -> [2, B, 1]."""
 
-    def __init__(self, state_dim: int, n_joint: int, hidden: int):
+    def __init__(self, state_dim: int, n_joint: int | None, joint_dim: int, hidden: int):
         super().__init__()
+        self.categorical = n_joint is not None
+        fan_in, fan_out = (state_dim, n_joint) if self.categorical else (state_dim + joint_dim, 1)
         self.net = nn.Sequential(
-            BatchedLinear(2, state_dim, hidden), nn.ReLU(),
+            BatchedLinear(2, fan_in, hidden), nn.ReLU(),
             BatchedLinear(2, hidden, hidden), nn.ReLU(),
-            BatchedLinear(2, hidden, n_joint),
+            BatchedLinear(2, hidden, fan_out),
         )  # fmt: skip
 
     def forward(self, states: torch.Tensor, joint_actions: torch.Tensor) -> torch.Tensor:
-        """Q-values [2, B] of the joint actions [B] taken in the states [B, S]."""
-        q = self.net(states.expand(2, *states.shape))
-        return q.gather(-1, joint_actions.expand(2, -1).unsqueeze(-1)).squeeze(-1)
+        """Q-values [2, B] of the joint actions ([B] indices or [B, joint_dim]) taken in the states [B, S]."""
+        if self.categorical:
+            q = self.net(states.expand(2, *states.shape))
+            return q.gather(-1, joint_actions.expand(2, -1).unsqueeze(-1)).squeeze(-1)
+        x = torch.cat([states, joint_actions], -1)
+        return self.net(x.expand(2, *x.shape)).squeeze(-1)
 
 
 class CategoricalHead:
     """Categorical actions over `n` choices, parametrised by n logits. The policy's swappable part:
-    a Gaussian head for continuous tasks would provide the same three members."""
+    GaussianHead provides the same three members for continuous actions."""
 
     def __init__(self, n: int):
         self.n_params = n
@@ -133,10 +154,28 @@ class CategoricalHead:
         return logits.argmax(-1)
 
 
+class GaussianHead(nn.Module):
+    """Continuous actions in [-1, 1]^n: a Gaussian with mean tanh(params) over n params and a learned
+    log std that does not depend on the state (a module, as it owns that parameter)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n_params = n
+        self.log_std = nn.Parameter(torch.zeros(n))
+
+    def log_prob(self, params: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        z = (actions - torch.tanh(params)) * torch.exp(-log_std)
+        return (-0.5 * z.square() - log_std).sum(-1) - 0.5 * self.n_params * math.log(2 * math.pi)
+
+    def greedy(self, params: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(params)
+
+
 class Policy(nn.Module):
     """Centralized policy: global states [B, S] -> parameters of the joint-action distribution."""
 
-    def __init__(self, state_dim: int, head: CategoricalHead, hidden: int, state_mean, state_std):
+    def __init__(self, state_dim: int, head: CategoricalHead | GaussianHead, hidden: int, state_mean, state_std):
         super().__init__()
         self.head = head
         self.register_buffer("state_mean", torch.as_tensor(state_mean))  # [S], for `act` (training batches
@@ -148,10 +187,10 @@ class Policy(nn.Module):
         return self.head.log_prob(self.net(states), actions)
 
     @torch.no_grad()
-    def act(self, state: np.ndarray) -> int:
-        """Greedy joint action of a raw global state [S]."""
+    def act(self, state: np.ndarray) -> np.ndarray:
+        """Greedy joint action of a raw global state [S]: its index, or the simulator's action vector [joint_dim]."""
         state = (torch.as_tensor(state, device=self.state_mean.device) - self.state_mean) / self.state_std
-        return int(self.head.greedy(self.net(state.unsqueeze(0)))[0])
+        return self.head.greedy(self.net(state.unsqueeze(0)))[0].cpu().numpy()
 
 
 def main(args: Args) -> dict:
@@ -161,10 +200,10 @@ def main(args: Args) -> dict:
     start_time = time.time()
     env = envs.make(args.task, args.obs)
     dataset = data.load(env, args.dataset)
-    if env.n_actions is None:
-        raise envs.UserInputError(f"iql_central.py supports categorical actions only so far; task '{args.task}' is continuous")
-    n_joint = env.n_actions**env.n_agents
-    if n_joint > MAX_JOINT_ACTIONS:
+    categorical = env.n_actions is not None
+    n_joint = env.n_actions**env.n_agents if categorical else None  # joint actions to choose from
+    joint_dim = env.n_agents * env.act_dim  # continuous actions: the simulator's action vector
+    if categorical and n_joint > MAX_JOINT_ACTIONS:
         raise envs.UserInputError(
             f"task '{args.task}' has {n_joint} joint actions ({env.n_actions} per agent, {env.n_agents} agents); "
             f"iql_central.py enumerates them and handles at most {MAX_JOINT_ACTIONS}"
@@ -183,34 +222,43 @@ def main(args: Args) -> dict:
     state_mean, state_std = dataset.stats("states")
     states = torch.as_tensor((dataset.states - state_mean) / state_std, device=device)
     next_states = torch.as_tensor((dataset.next_states - state_mean) / state_std, device=device)
-    radix = env.n_actions ** torch.arange(env.n_agents, device=device)  # agent i's digit has weight n_actions**i
-    joint_actions = (torch.as_tensor(dataset.actions, device=device) * radix).sum(-1)  # [T]
+    if categorical:
+        radix = env.n_actions ** torch.arange(env.n_agents, device=device)  # agent i's digit has weight n_actions**i
+        joint_actions = (torch.as_tensor(dataset.actions, device=device) * radix).sum(-1)  # [T]
+        head = CategoricalHead(n_joint)
+    else:  # back to the simulator's action vectors, the order the policy acts in
+        joint_actions = torch.as_tensor(env.join_actions(dataset.actions), device=device)  # [T, joint_dim]
+        head = GaussianHead(joint_dim)
     rewards = torch.as_tensor(dataset.rewards, device=device)
     not_done = 1.0 - torch.as_tensor(dataset.terminals, dtype=torch.float32, device=device)
 
-    qf = TwinQ(env.state_dim, n_joint, args.hidden).to(device)
-    qf_target = TwinQ(env.state_dim, n_joint, args.hidden).to(device)
+    qf = TwinQ(env.state_dim, n_joint, joint_dim, args.hidden).to(device)
+    qf_target = TwinQ(env.state_dim, n_joint, joint_dim, args.hidden).to(device)
     qf_target.load_state_dict(qf.state_dict())
     qf_target.requires_grad_(False)
     vf = mlp(env.state_dim, args.hidden, 1).to(device)
-    policy = Policy(env.state_dim, CategoricalHead(n_joint), args.hidden, state_mean, state_std).to(device)
+    policy = Policy(env.state_dim, head, args.hidden, state_mean, state_std).to(device)
     q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.learning_rate, fused=True)
     v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.learning_rate, fused=True)
     policy_optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
     optimizers = {"q": (q_optimizer, qf), "v": (v_optimizer, vf), "policy": (policy_optimizer, policy)}
 
-    radix_np = radix.cpu().numpy()
+    radix_np = radix.cpu().numpy() if categorical else None
 
     def act(observations: np.ndarray) -> np.ndarray:
         # Centralized execution, the point of this baseline: the agents' own observations are
         # ignored and the single controller reads the global state of the environment instead.
-        return policy.act(env.state()) // radix_np % env.n_actions  # the joint action's digits
+        joint = policy.act(env.state())
+        if categorical:
+            return joint // radix_np % env.n_actions  # the joint action's digits, [N]
+        return env.split_actions(joint)  # each agent's part, [N, act_dim]
 
     def evaluate() -> tuple[float, float]:
         returns = envs.evaluate(env, act, args.eval_episodes, seed=args.seed)
         return float(returns.mean()), data.normalized_score(args.task, returns)
 
-    print(f"{run_name}: {len(dataset)} transitions, {n_joint} joint actions, {args.total_steps} steps on {device}", flush=True)
+    actions_text = f"{n_joint} joint actions" if categorical else f"{joint_dim}-dim joint actions"
+    print(f"{run_name}: {len(dataset)} transitions, {actions_text}, {args.total_steps} steps on {device}", flush=True)
     for step in range(1, args.total_steps + 1):
         idx = torch.randint(len(dataset), (args.batch_size,), device=device)
         s, a = states[idx], joint_actions[idx]
@@ -247,6 +295,8 @@ def main(args: Args) -> dict:
             writer.add_scalar("losses/q_values", q.mean().item(), step)
             writer.add_scalar("losses/v_values", v.mean().item(), step)
             writer.add_scalar("losses/advantage", diff.mean().item(), step)
+            if not categorical:
+                writer.add_scalar("losses/policy_log_std", policy.head.log_std.mean().item(), step)
             writer.add_scalar("charts/SPS", int(step / (time.time() - start_time)), step)
         if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             ret, score = evaluate()

@@ -54,9 +54,9 @@ class Args:
     """environment: coordination, reacher or ant"""
     obs: str | None = None
     """observation setting (default: the task's first one; coordination has only `fo`)"""
-    dataset: str = "unfavorable"
+    dataset: str | None = None
     """dataset name (coordination: favorable, neutral, unfavorable; reacher: expert-mix; ant: random, medium,
-    full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder"""
+    full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder (default: per task)"""
     seed: int = 0
     """seed of everything random in the run"""
     total_steps: int | None = None
@@ -156,17 +156,17 @@ TASK_DEFAULTS = {
     # the paper's 5e-5 converges in seconds (the team agrees within ~10 learning steps; the
     # convention can still shift between rounds until ~40). Entropy target: a near-deterministic policy.
     "coordination": dict(
-        total_steps=60, eval_every=0, hidden=64, learning_rate=1e-3, entropy_target=0.1,
+        dataset="unfavorable", total_steps=60, eval_every=0, hidden=64, learning_rate=1e-3, entropy_target=0.1,
         wm_hidden=64, wm_layers=2, wm_max_steps=1000, wm_bf16=False,
     ),  # fmt: skip
     # MuJoCo: the paper's MAPPO settings (appendix A.2) and 1e5 learning steps. Not yet
     # validated here beyond smoke runs; the world model's size is still to be chosen (issue #4).
     "reacher": dict(
-        total_steps=100_000, eval_every=1000, hidden=256, learning_rate=5e-5, entropy_target=-4.0,
+        dataset="expert-mix", total_steps=100_000, eval_every=1000, hidden=256, learning_rate=5e-5, entropy_target=-4.0,
         wm_hidden=200, wm_layers=4, wm_max_steps=100_000, wm_bf16=True,
     ),  # fmt: skip
     "ant": dict(
-        total_steps=100_000, eval_every=1000, hidden=256, learning_rate=5e-5, entropy_target=-6.0,
+        dataset="medium", total_steps=100_000, eval_every=1000, hidden=256, learning_rate=5e-5, entropy_target=-6.0,
         wm_hidden=200, wm_layers=4, wm_max_steps=100_000, wm_bf16=True,
     ),  # fmt: skip
 }
