@@ -2,14 +2,24 @@
 # (section 5.1 and Appendix A, equations 1-7).
 #
 # IQL (Kostrikov et al. 2022) made multi-agent with QMIX value decomposition: every agent has
-# its own Q_i(o_i, a_i) and V_i(o_i), and state-conditioned non-negative mixing weights combine
+# its own Q_i(h_i, a_i) and V_i(h_i), and state-conditioned non-negative mixing weights combine
 # them into the team's values (eq. 4, 5):
-#     Q_tot(s, a) = sum_i w_Q^i(s) Q_i(o_i, a_i) + b_Q(s),    V_tot(s) = sum_i w_V^i(s) V_i(o_i) + b_V(s).
+#     Q_tot(s, a) = sum_i w_Q^i(s) Q_i(h_i, a_i) + b_Q(s),    V_tot(s) = sum_i w_V^i(s) V_i(h_i) + b_V(s).
 # V_tot learns the `expectile` of the target Q_tot over the dataset's joint actions (eq. 1),
-# Q_tot regresses on r + gamma V_tot(s') (eq. 2), and each agent's policy pi_i(a_i | o_i) is
+# Q_tot regresses on r + gamma V_tot(s') (eq. 2), and each agent's policy pi_i(a_i | h_i) is
 # extracted by advantage-weighted regression with the team's advantage (eq. 3, 6, 7).
 # Training is centralised (mixers see the state); execution is decentralised (each agent acts
-# greedily on its own observation).
+# greedily on its own observation, and its memory).
+#
+# Categorical actions (coordination): Q_i outputs one value per action and pi_i is categorical.
+# Continuous actions (reacher, ant): the action is an input of Q_i (one output), and pi_i is a
+# Gaussian with mean tanh(MLP(h_i)) and a learned log std per agent and action dimension.
+#
+# Under partial observability h_i is the agent's observation followed by its memory's summary
+# of its last `--memory` (observation, action) pairs (Appendix A, see `Memory`); otherwise h_i
+# is the observation. Each agent has one memory shared by its Q_i, V_i and policy; the Q and V
+# losses train it, the policy reads its summary detached (as in an actor-critic, the critics
+# shape it), and the target Q_i read a target copy Polyak-averaged with the target Q networks.
 #
 # On the coordination game the monotonic mixture cannot represent the reward 1[a_1 = a_2]: its
 # best additive fit gives agent i an advantage for `right` of about 2 P_data(a_j = right) - 1,
@@ -17,12 +27,18 @@
 # they swap conventions and miss each other on `unfavorable`, and on `neutral` the outcome of
 # each round hangs on the dataset's sampling noise (paper Table 3: 1.0, 0.0, 0.9 +- 0.1).
 #
-# Differences from the paper: categorical policies (continuous tasks come later); the weights
-# and the bias of a mixer come from one 2x256 MLP of the state with N+1 outputs (QMIX uses
-# separate hypernetworks); as in CORL's IQL, the advantage and the Q target use V_tot before
-# this step's V update, so that the three losses come from one batch
-# and are minimised with one backward pass (their parameters are disjoint).
+# Differences from the paper: the weights and the bias of a mixer come from one 2x256 MLP of
+# the state with N+1 outputs (QMIX uses separate hypernetworks); the paper describes
+# tanh-squashed Gaussians with a state-dependent variance, we follow the official IQL code
+# (tanh on the mean only, a state-independent log std clamped to [-5, 2]) without its cosine
+# decay of the policy's learning rate or its rescaling of D4RL locomotion rewards; one Q_i per
+# agent as in eq. 4 (the official IQL takes the min of twin Q networks); the memory learns at
+# `--learning-rate` like every other network (the paper: 1e-4); as in CORL's IQL, the
+# advantage and the Q target use V_tot before this step's V update, so that the three losses
+# come from one batch and are minimised with one backward pass (their parameters are disjoint,
+# the memory's gradient being the sum of those of the Q and V losses).
 # The agents' networks are one batched network ([agents, in, out] weights).
+import copy
 import json
 import math
 import random
@@ -46,11 +62,13 @@ import envs  # noqa: E402
 @dataclass
 class Args:
     task: str = "coordination"
-    """environment: coordination"""
+    """environment: coordination, reacher or ant"""
     obs: str | None = None
-    """observation setting (default: the task's first one; coordination has only `fo`)"""
-    dataset: str = "unfavorable"
-    """dataset name (coordination: favorable, neutral, unfavorable) or a .npz/.hdf5 file"""
+    """observation setting (default: the task's first; coordination: fo; reacher: all-observant, independent,
+    leader-only; ant: fo, po)"""
+    dataset: str | None = None
+    """dataset name (coordination: favorable, neutral, unfavorable; reacher: expert-mix; ant: random, medium,
+    full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder (default: per task)"""
     seed: int = 0
     """seed of everything random in the run"""
     total_steps: int | None = None
@@ -58,7 +76,7 @@ class Args:
     eval_every: int | None = None
     """evaluate every this many steps, 0 for only at the end (default: per task)"""
     eval_episodes: int = 100
-    """episodes per evaluation (greedy actions)"""
+    """episodes per evaluation (greedy actions: the most likely one, or the Gaussian's mean)"""
     cuda: bool = False
     """use the GPU when one is available"""
     runs_dir: str = "runs"
@@ -66,13 +84,18 @@ class Args:
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4
-    """Adam learning rate of the Q, V and policy networks (mixers included)"""
+    """Adam learning rate of every network (Q, V, their mixers, the policies with their log std, the memory)"""
     hidden: int | None = None
     """units in each of the two hidden layers of every network (agents' networks and mixers) (default: per task; paper 256)"""
+    memory: int | None = None
+    """past (observation, action) pairs each agent remembers; default: 10 (the paper's) when the
+    observation setting hides part of the state, 0 (no memory module) otherwise"""
+    memory_dim: int = 128
+    """width e_h of the memory module's embedding and of its summary"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
-    """Polyak coefficient of the target Q networks (agents' Q and their mixer)"""
+    """Polyak coefficient of the target Q networks (agents' Q, their mixer and their memory)"""
     expectile: float = 0.7
     """expectile of the target Q_tot that V_tot regresses to (0.5: the mean, i.e. SARSA)"""
     beta: float = 3.0
@@ -80,7 +103,7 @@ class Args:
     max_weight: float = 100.0
     """upper clip of the AWR weights exp(beta * team advantage)"""
     max_grad_norm: float = 1.0
-    """gradient norm clip, applied to each of Q (with its mixer), V (with its mixer) and the policies"""
+    """gradient norm clip, applied to each of Q (with its mixer), V (with its mixer), the policies and the memory"""
 
 
 # Defaults that depend on the task, used for every field left at None.
@@ -89,8 +112,12 @@ TASK_DEFAULTS = {
     # different times, steps 300-700) before they settle; on neutral the per-round effects are
     # tiny (dataset sampling noise) and take about 2500 steps to resolve. 64 units as in every
     # script on this task (two actions, a 1-d observation); ~6 ms a step on one CPU thread.
-    "coordination": dict(total_steps=3000, eval_every=0, hidden=64),
+    "coordination": dict(dataset="unfavorable", total_steps=3000, eval_every=0, hidden=64),
+    # MuJoCo: the paper's 1e6 steps and 2x256 networks
+    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256),
+    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256),
 }
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # continuous actions: the Gaussians' log std range, as in the official IQL
 
 
 class BatchedLinear(nn.Module):
@@ -104,6 +131,34 @@ class BatchedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
+
+
+class Memory(nn.Module):
+    """Each agent's summary of its last K (observation, action) pairs (paper Appendix A): a linear
+    embedding plus a sinusoidal positional encoding, one self-attention layer with a skip
+    connection and layer norm, then soft-attention pooling into one vector. Steps before the
+    episode's start are masked out; with no past at all the summary is zero.
+    All agents at once: tokens [N, B, K, O + A], mask [B, K] -> summaries [N, B, E]."""
+
+    def __init__(self, n_agents: int, token_dim: int, length: int, dim: int):
+        super().__init__()
+        self.embed = BatchedLinear(n_agents, token_dim, dim)
+        self.qkv = BatchedLinear(n_agents, dim, 3 * dim)
+        self.norm_gain = nn.Parameter(torch.ones(n_agents, 1, 1, dim))
+        self.norm_bias = nn.Parameter(torch.zeros(n_agents, 1, 1, dim))
+        self.score = BatchedLinear(n_agents, dim, 1)  # pooling: one attention logit per step
+        position = torch.arange(length).unsqueeze(1) / 10_000 ** (torch.arange(0, dim, 2) / dim)
+        self.register_buffer("position", torch.stack([position.sin(), position.cos()], -1).flatten(1))  # [K, E]
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, b, k, _ = tokens.shape
+        x = self.embed(tokens.flatten(1, 2)).view(n, b, k, -1) + self.position
+        q, key, v = self.qkv(x.flatten(1, 2)).view(n, b, k, 3, -1).unbind(3)
+        hidden = -1e9 * ~mask  # [B, K] additive mask: masked steps get no attention
+        attention = torch.softmax(q @ key.transpose(-1, -2) / math.sqrt(x.shape[-1]) + hidden[:, None], -1)
+        x = F.layer_norm(x + attention @ v, x.shape[-1:]) * self.norm_gain + self.norm_bias
+        weights = torch.softmax(self.score(x.flatten(1, 2)).view(n, b, k) + hidden, -1)
+        return (weights.unsqueeze(-1) * x).sum(2) * mask.any(-1, keepdim=True)
 
 
 def agent_mlp(n_agents: int, fan_in: int, hidden: int, fan_out: int) -> nn.Sequential:
@@ -131,35 +186,47 @@ class Mixer(nn.Module):
 
 
 class MixedQ(nn.Module):
-    """Q_tot(s, a) = sum_i w_Q^i(s) Q_i(o_i, a_i) + b_Q(s); each Q_i outputs one value per action."""
+    """Q_tot(s, a) = sum_i w_Q^i(s) Q_i(h_i, a_i) + b_Q(s). Categorical actions (`n_actions` of them):
+    Q_i outputs one value per action; continuous ones (`n_actions` None): Q_i(h_i, a_i) takes the
+    action as an input and outputs one value."""
 
-    def __init__(self, n_agents: int, obs_dim: int, state_dim: int, n_actions: int, hidden: int):
+    def __init__(self, n_agents: int, in_dim: int, state_dim: int, n_actions: int | None, act_dim: int, hidden: int):
         super().__init__()
-        self.agents = agent_mlp(n_agents, obs_dim, hidden, n_actions)
+        self.categorical = n_actions is not None
+        fan_in, fan_out = (in_dim, n_actions) if self.categorical else (in_dim + act_dim, 1)
+        self.agents = agent_mlp(n_agents, fan_in, hidden, fan_out)
         self.mixer = Mixer(state_dim, n_agents, hidden)
 
-    def forward(self, obs: torch.Tensor, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """obs [N, B, O], states [B, S] (normalised), actions [N, B] -> Q_tot [B]."""
-        q = self.agents(obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [N, B]
+    def forward(self, h: torch.Tensor, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Agents' inputs h [N, B, in], states [B, S] (normalised), actions [N, B] or [N, B, A] -> Q_tot [B]."""
+        if self.categorical:
+            q = self.agents(h).gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [N, B]
+        else:
+            q = self.agents(torch.cat([h, actions], -1)).squeeze(-1)
         return self.mixer(states, q)
 
 
 class MixedV(nn.Module):
-    """V_tot(s) = sum_i w_V^i(s) V_i(o_i) + b_V(s)."""
+    """V_tot(s) = sum_i w_V^i(s) V_i(h_i) + b_V(s)."""
 
-    def __init__(self, n_agents: int, obs_dim: int, state_dim: int, hidden: int):
+    def __init__(self, n_agents: int, in_dim: int, state_dim: int, hidden: int):
         super().__init__()
-        self.agents = agent_mlp(n_agents, obs_dim, hidden, 1)
+        self.agents = agent_mlp(n_agents, in_dim, hidden, 1)
         self.mixer = Mixer(state_dim, n_agents, hidden)
 
-    def forward(self, obs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """obs [N, B, O], states [B, S] (normalised) -> V_tot [B]."""
-        return self.mixer(states, self.agents(obs).squeeze(-1))
+    def forward(self, h: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Agents' inputs h [N, B, in], states [B, S] (normalised) -> V_tot [B]."""
+        return self.mixer(states, self.agents(h).squeeze(-1))
+
+
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """Mean of the asymmetric square |e - 1[diff < 0]| diff^2 of eq. 1: minimised over V, V is the e-expectile of Q."""
+    return (torch.abs(expectile - (diff < 0).float()) * diff.square()).mean()
 
 
 class CategoricalHead:
     """Categorical actions over `n` choices, parametrised by n logits. The policies' swappable part:
-    a Gaussian head for continuous tasks would provide the same three members."""
+    GaussianHead provides the same three members for continuous actions."""
 
     def __init__(self, n: int):
         self.n_params = n
@@ -171,25 +238,41 @@ class CategoricalHead:
         return logits.argmax(-1)
 
 
-class Policies(nn.Module):
-    """All agents' decentralised policies pi_i(a_i | o_i) as one batched network."""
+class GaussianHead(nn.Module):
+    """Continuous actions in [-1, 1]^n: each agent's Gaussian with mean tanh(params) over n params and
+    a learned log std per agent and action dimension that does not depend on the observation (a
+    module, as it owns that parameter)."""
 
-    def __init__(self, n_agents: int, obs_dim: int, head: CategoricalHead, hidden: int, obs_mean, obs_std):
+    def __init__(self, n_agents: int, n: int):
+        super().__init__()
+        self.n_params = n
+        self.log_std = nn.Parameter(torch.zeros(n_agents, 1, n))  # [N, 1, A], the same for the whole batch
+
+    def log_prob(self, params: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Log-likelihoods [N, B] of the actions [N, B, A] under the Gaussians of params [N, B, A]."""
+        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        z = (actions - torch.tanh(params)) * torch.exp(-log_std)
+        return (-0.5 * z.square() - log_std).sum(-1) - 0.5 * self.n_params * math.log(2 * math.pi)
+
+    def greedy(self, params: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(params)
+
+
+class Policies(nn.Module):
+    """All agents' decentralised policies pi_i(a_i | h_i) as one batched network."""
+
+    def __init__(self, n_agents: int, in_dim: int, head: CategoricalHead | GaussianHead, hidden: int):
         super().__init__()
         self.head = head
-        self.register_buffer("obs_mean", torch.as_tensor(obs_mean).unsqueeze(1))  # [N, 1, O], for `act` (training
-        self.register_buffer("obs_std", torch.as_tensor(obs_std).unsqueeze(1))  # batches are normalised up front)
-        self.net = agent_mlp(n_agents, obs_dim, hidden, head.n_params)
+        self.net = agent_mlp(n_agents, in_dim, hidden, head.n_params)
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Log-likelihoods [N, B] of the agents' actions [N, B] given their normalised observations [N, B, O]."""
-        return self.head.log_prob(self.net(obs), actions)
+    def log_prob(self, h: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Log-likelihoods [N, B] of the agents' actions ([N, B] or [N, B, A]) given their inputs h [N, B, in]."""
+        return self.head.log_prob(self.net(h), actions)
 
-    @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        """Greedy actions of the N agents from their raw observations [N, O]."""
-        obs = (torch.as_tensor(obs, device=self.obs_mean.device).unsqueeze(1) - self.obs_mean) / self.obs_std
-        return self.head.greedy(self.net(obs)).squeeze(1).cpu().numpy()
+    def greedy(self, h: torch.Tensor) -> torch.Tensor:
+        """The agents' most likely actions given their inputs h [N, B, in]."""
+        return self.head.greedy(self.net(h))
 
 
 def main(args: Args) -> dict:
@@ -199,8 +282,11 @@ def main(args: Args) -> dict:
     start_time = time.time()
     env = envs.make(args.task, args.obs)
     dataset = data.load(env, args.dataset)
-    if env.n_actions is None:
-        raise envs.UserInputError(f"maiql.py supports categorical actions only so far; task '{args.task}' is continuous")
+    categorical = env.n_actions is not None
+    if args.memory is None:
+        args.memory = 10 if envs.partially_observed(env) else 0
+    if args.memory and categorical:
+        raise envs.UserInputError("--memory needs continuous actions (the coordination game is fully observed): use --memory 0")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__maiql__{args.seed}__{int(start_time)}"
     run_dir = Path(args.runs_dir) / run_name
     writer = SummaryWriter(str(run_dir))
@@ -219,47 +305,73 @@ def main(args: Args) -> dict:
     next_observations = torch.as_tensor((dataset.next_observations - obs_mean) / obs_std, device=device).transpose(0, 1)
     states = torch.as_tensor((dataset.states - state_mean) / state_std, device=device)
     next_states = torch.as_tensor((dataset.next_states - state_mean) / state_std, device=device)
-    actions = torch.as_tensor(dataset.actions, device=device).transpose(0, 1)  # [N, T]
+    actions = torch.as_tensor(dataset.actions, device=device).transpose(0, 1)  # [N, T] or [N, T, A]
     rewards = torch.as_tensor(dataset.rewards, device=device)
     not_done = 1.0 - torch.as_tensor(dataset.terminals, dtype=torch.float32, device=device)
+    episode_first = torch.as_tensor(dataset.episode_first(), device=device)
 
-    n, o, s_dim = env.n_agents, env.obs_dim, env.state_dim
-    qf = MixedQ(n, o, s_dim, env.n_actions, args.hidden).to(device)
-    qf_target = MixedQ(n, o, s_dim, env.n_actions, args.hidden).to(device)
+    n, s_dim = env.n_agents, env.state_dim
+    in_dim = env.obs_dim + (args.memory_dim if args.memory else 0)  # h_i: observation (and memory summary)
+    qf = MixedQ(n, in_dim, s_dim, env.n_actions, env.act_dim, args.hidden).to(device)
+    qf_target = MixedQ(n, in_dim, s_dim, env.n_actions, env.act_dim, args.hidden).to(device)
     qf_target.load_state_dict(qf.state_dict())
     qf_target.requires_grad_(False)
-    vf = MixedV(n, o, s_dim, args.hidden).to(device)
-    policy = Policies(n, o, CategoricalHead(env.n_actions), args.hidden, obs_mean, obs_std).to(device)
+    vf = MixedV(n, in_dim, s_dim, args.hidden).to(device)
+    head = CategoricalHead(env.n_actions) if categorical else GaussianHead(n, env.act_dim)
+    policy = Policies(n, in_dim, head, args.hidden).to(device)
     q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.learning_rate, fused=True)
     v_optimizer = torch.optim.Adam(vf.parameters(), lr=args.learning_rate, fused=True)
     policy_optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=True)
     optimizers = {"q": (q_optimizer, qf), "v": (v_optimizer, vf), "policy": (policy_optimizer, policy)}
+    targets = [(qf, qf_target)]  # (network, its Polyak-averaged copy)
+    memory = memory_target = None
+    if args.memory:  # one memory per agent (batched), shared by its Q_i, V_i and policy
+        memory = Memory(n, env.obs_dim + env.act_dim, args.memory, args.memory_dim).to(device)
+        memory_target = copy.deepcopy(memory).requires_grad_(False)
+        optimizers["memory"] = (torch.optim.Adam(memory.parameters(), lr=args.learning_rate, fused=True), memory)
+        targets.append((memory, memory_target))
 
-    def evaluate() -> tuple[float, float]:
-        returns = envs.evaluate(env, policy.act, args.eval_episodes, seed=args.seed)
-        return float(returns.mean()), data.normalized_score(args.task, returns)
+    def sample(idx: torch.Tensor) -> dict:
+        """The transitions idx of the dataset as a training batch, agent-major ([N, B, ...]); with memory,
+        each agent's past before s_t and before s_t+1, as (tokens [N, B, K, O + A], mask [B, K])."""
+        batch = {
+            "obs": observations[:, idx], "states": states[idx], "actions": actions[:, idx], "rewards": rewards[idx],
+            "not_done": not_done[idx], "next_obs": next_observations[:, idx], "next_states": next_states[idx],
+        }  # fmt: skip
+        if args.memory:
+            for key, t in [("past", idx), ("next_past", idx + 1)]:
+                steps, mask = data.history_index(episode_first[idx], t, args.memory)
+                batch[key] = (torch.cat([observations[:, steps], actions[:, steps]], -1), mask)
+        return batch
 
-    print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
-    for step in range(1, args.total_steps + 1):
-        idx = torch.randint(len(dataset), (args.batch_size,), device=device)
-        o, s, a = observations[:, idx], states[idx], actions[:, idx]
+    def agent_inputs(reader: Memory | None, obs: torch.Tensor, past: tuple | None) -> torch.Tensor:
+        """h_i for every agent [N, B, in]: the normalised observations [N, B, O], with memory followed by
+        the summaries of the agents' pasts as `reader` (the online memory or its target copy) sees them."""
+        return obs if reader is None else torch.cat([obs, reader(*past)], -1)
+
+    def update(batch: dict) -> dict:
+        """One gradient step of Q, V, the policies (and the memory) on a batch, then the Polyak averaging.
+        It needs nothing but the batch, so a fine-tuning script can feed it batches of a replay buffer."""
+        o, s, a = batch["obs"], batch["states"], batch["actions"]
+        h = agent_inputs(memory, o, batch.get("past"))  # the Q and V losses train the memory through h
         with torch.no_grad():
-            target_q = qf_target(o, s, a)  # [B], Q_hat_tot(s, a) of eq. 5
-            next_v = vf(next_observations[:, idx], next_states[idx])
-            q_backup = rewards[idx] + args.gamma * not_done[idx] * next_v
+            target_q = qf_target(agent_inputs(memory_target, o, batch.get("past")), s, a)  # [B], Q_hat_tot of eq. 5
+            next_h = agent_inputs(memory, batch["next_obs"], batch.get("next_past"))
+            q_backup = batch["rewards"] + args.gamma * batch["not_done"] * vf(next_h, batch["next_states"])
 
         # V: expectile regression of V_tot on the target Q_tot of the dataset's joint actions (eq. 1)
-        v = vf(o, s)
+        v = vf(h, s)
         diff = target_q - v
-        v_loss = (torch.abs(args.expectile - (diff < 0).float()) * diff.square()).mean()
+        v_loss = expectile_loss(diff, args.expectile)
         # Q: Q_tot regresses on r + gamma V_tot(s') (eq. 2)
-        q = qf(o, s, a)
+        q = qf(h, s, a)
         q_loss = (q - q_backup).square().mean()
         # Policies: AWR with the team advantage (eq. 3 with the factored policy of eq. 6). The weight
         # exp(beta (Q_hat_tot - V_tot)) = B(s) prod_i exp(beta (w_hat_Q^i Q_hat_i - w_V^i V_i)) with
         # B(s) = exp(beta (b_hat_Q(s) - b_V(s))): this is eq. 7 (whose B(s) omits the beta).
+        # The policies read the memory's summaries detached: only the value losses train it.
         weights = torch.exp(args.beta * diff.detach()).clamp(max=args.max_weight)
-        policy_loss = -(weights * policy.log_prob(o, a).sum(0)).mean()
+        policy_loss = -(weights * policy.log_prob(h.detach(), a).sum(0)).mean()
 
         for optimizer, _ in optimizers.values():
             optimizer.zero_grad(set_to_none=True)
@@ -268,16 +380,39 @@ def main(args: Args) -> dict:
             nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm, foreach=True)
             optimizer.step()
         with torch.no_grad():
-            for p, p_target in zip(qf.parameters(), qf_target.parameters()):
-                p_target.lerp_(p, args.tau)
+            for net, target in targets:
+                for p, p_target in zip(net.parameters(), target.parameters()):
+                    p_target.lerp_(p, args.tau)
+        return {"q_loss": q_loss, "v_loss": v_loss, "policy_loss": policy_loss, "q_values": q.mean(),
+                "v_values": v.mean(), "advantage": diff.mean()}  # fmt: skip
+
+    obs_mean_t, obs_std_t = (torch.as_tensor(x, device=device).unsqueeze(1) for x in (obs_mean, obs_std))  # [N, 1, O]
+
+    @torch.no_grad()
+    def act(obs: np.ndarray, *past: np.ndarray) -> np.ndarray:
+        """Greedy actions of the N agents from their raw observations [N, O] (and, with memory, their past
+        observations [N, K, O], actions [N, K, A] and mask [K], as envs.evaluate passes them)."""
+        x = (torch.as_tensor(obs, device=device).unsqueeze(1) - obs_mean_t) / obs_std_t  # a batch of one: [N, 1, O]
+        if memory is not None:
+            past_obs, past_actions, mask = (torch.as_tensor(p, device=device) for p in past)
+            tokens = torch.cat([(past_obs - obs_mean_t) / obs_std_t, past_actions], -1).unsqueeze(1)  # [N, 1, K, O + A]
+            x = torch.cat([x, memory(tokens, mask.unsqueeze(0))], -1)
+        return policy.greedy(x).squeeze(1).cpu().numpy()
+
+    def evaluate() -> tuple[float, float]:
+        returns = envs.evaluate(env, act, args.eval_episodes, seed=args.seed, memory=args.memory)
+        return float(returns.mean()), data.normalized_score(args.task, returns)
+
+    print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
+    for step in range(1, args.total_steps + 1):
+        idx = torch.randint(len(dataset), (args.batch_size,), device=device)
+        logs = update(sample(idx))
 
         if step % 100 == 0:
-            writer.add_scalar("losses/q_loss", q_loss.item(), step)
-            writer.add_scalar("losses/v_loss", v_loss.item(), step)
-            writer.add_scalar("losses/policy_loss", policy_loss.item(), step)
-            writer.add_scalar("losses/q_values", q.mean().item(), step)
-            writer.add_scalar("losses/v_values", v.mean().item(), step)
-            writer.add_scalar("losses/advantage", diff.mean().item(), step)
+            for name, value in logs.items():
+                writer.add_scalar(f"losses/{name}", value.item(), step)
+            if not categorical:
+                writer.add_scalar("losses/policy_log_std", policy.head.log_std.mean().item(), step)
             writer.add_scalar("charts/SPS", int(step / (time.time() - start_time)), step)
         if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
             ret, score = evaluate()
@@ -295,10 +430,10 @@ def main(args: Args) -> dict:
             "qf": qf.state_dict(),
             "qf_target": qf_target.state_dict(),
             "vf": vf.state_dict(),
-            "policy": policy.state_dict(),  # includes the observation normalisation statistics
-            "q_optimizer": q_optimizer.state_dict(),
-            "v_optimizer": v_optimizer.state_dict(),
-            "policy_optimizer": policy_optimizer.state_dict(),
+            "policy": policy.state_dict(),
+            "memory": memory.state_dict() if memory is not None else None,  # shared by Q, V and the policies
+            "memory_target": memory_target.state_dict() if memory is not None else None,
+            **{f"{name}_optimizer": optimizer.state_dict() for name, (optimizer, _) in optimizers.items()},
             "obs_mean": torch.as_tensor(obs_mean),  # tensors, so that torch.load(weights_only=True) works
             "obs_std": torch.as_tensor(obs_std),
             "state_mean": torch.as_tensor(state_mean),

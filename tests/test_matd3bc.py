@@ -1,0 +1,134 @@
+"""algos/matd3bc.py: smoke runs on every reacher observation setting, determinism, and its formulas."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from algos import ibc, matd3bc
+
+RESULT_FIELDS = {"task", "obs", "dataset", "algo", "seed", "normalized_score", "return", "eval_episodes", "total_steps"}
+
+
+@pytest.fixture(scope="module")
+def small_reacher_dataset(tmp_path_factory):
+    """400 transitions of reacher expert-mix from the committed behaviour policy, as a file."""
+    from data import mujoco_datasets
+
+    path = tmp_path_factory.mktemp("reacher") / "expert-mix-small.npz"
+    np.savez(path, **mujoco_datasets.build("reacher", "expert-mix", size=400))
+    return str(path)
+
+
+def run(dataset, runs_dir, obs="all-observant", **overrides) -> dict:
+    args = matd3bc.Args(
+        task="reacher", obs=obs, dataset=dataset, total_steps=20, eval_episodes=2, runs_dir=str(runs_dir), hidden=32,
+        **overrides,
+    )  # fmt: skip
+    return matd3bc.main(args)
+
+
+@pytest.mark.parametrize("obs", ["all-observant", "independent", "leader-only"])
+def test_smoke_run_on_reacher(obs, small_reacher_dataset, tmp_path, capsys):
+    result = run(small_reacher_dataset, tmp_path, obs)
+    assert RESULT_FIELDS <= set(result)
+    assert result["algo"] == "matd3bc" and result["obs"] == obs and np.isfinite(result["normalized_score"])
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith(f"reacher-{obs}-expert-mix-small__matd3bc__0__")
+    assert json.loads((run_dir / "result.json").read_text()) == result
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
+    assert checkpoint["step"] == 20
+    assert checkpoint["args"]["memory"] == (0 if obs == "all-observant" else 10)
+    assert any(k.startswith("memory.") for k in checkpoint["policy_target"]) == (obs != "all-observant")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"normalized_score: {result['normalized_score']:.4f}"
+
+
+def test_same_seed_same_weights(small_reacher_dataset, tmp_path):
+    checkpoints = []
+    for i, seed in enumerate([3, 3, 4]):
+        run(small_reacher_dataset, tmp_path / str(i), "independent", seed=seed)  # with memory
+        (run_dir,) = (tmp_path / str(i)).iterdir()
+        checkpoints.append(torch.load(run_dir / "model.pt", weights_only=True))
+    for key in ("policy", "critics_target"):
+        first, again, other = (c[key] for c in checkpoints)
+        assert all(torch.equal(first[k], again[k]) for k in first)
+        assert not all(torch.equal(first[k], other[k]) for k in first if k.endswith("weight"))
+
+
+def test_coordination_game_is_refused():
+    with pytest.raises(matd3bc.envs.UserInputError, match="needs continuous actions"):
+        matd3bc.main(matd3bc.Args(task="coordination"))
+
+
+def test_td3_target_takes_the_smaller_team_twin_and_stops_at_terminals():
+    q_next = torch.tensor([[1.0, 5.0, -2.0], [3.0, 4.0, -1.0]])  # [2 twins, 3 transitions]
+    target = matd3bc.td3_target(q_next, torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 0.0, 1.0]), gamma=0.9)
+    assert torch.allclose(target, torch.tensor([0.5 + 0.9 * 1.0, 0.5, 0.5 + 0.9 * -2.0]))
+
+
+def test_mixed_critics_are_qmix_sums_of_the_agents_utilities():
+    """Constant utilities Q_ik and constant mixer outputs: Q_k = |w_k1| Q_1k + |w_k2| Q_2k + b_k, by hand."""
+    critics = matd3bc.MixedTwinCritics(n_agents=2, feature_dim=3, act_dim=1, state_dim=4, hidden=8)
+    with torch.no_grad():
+        utilities, mixers = critics.utilities[-1], critics.mixers[-1]
+        utilities.weight.zero_()
+        utilities.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1))  # Q_11, Q_21, Q_12, Q_22
+        mixers.weight.zero_()
+        mixers.bias.copy_(torch.tensor([[-1.0, 2.0, 0.5], [3.0, -0.5, -1.0]]).view(2, 1, 3))  # w_k1, w_k2, b_k
+        q = critics(torch.randn(5, 4), torch.randn(2, 5, 3), torch.randn(2, 5, 1))
+    assert q.shape == (2, 5)
+    assert torch.allclose(q[0], torch.tensor(1 * 1.0 + 2 * 2.0 + 0.5))
+    assert torch.allclose(q[1], torch.tensor(3 * 3.0 + 0.5 * 4.0 - 1.0))
+
+
+def test_actor_loss_is_td3bc_on_the_joint_action():
+    q1 = torch.tensor([-2.0, -4.0], requires_grad=True)  # team Q_1 of 2 transitions, mean |Q_1| = 3
+    pi = torch.tensor([[[0.5], [0.0]], [[0.0], [0.0]]])  # 2 agents, 2 transitions, 1 action dimension
+    a = torch.tensor([[[0.0], [0.0]], [[1.0], [-1.0]]])
+    loss = matd3bc.td3bc_actor_loss(q1, pi, a, alpha=2.5)
+    assert loss.item() == pytest.approx(-(2.5 / 3) * -3.0 + 0.25 / 2 + (1.0 + 1.0) / 2)  # BC: agent 0 + agent 1
+    loss.backward()
+    assert torch.allclose(q1.grad, torch.full((2,), -2.5 / 3 / 2))  # lambda is a constant
+
+
+def test_actor_gradient_reaches_every_agent_through_the_team_critic():
+    import envs
+
+    torch.manual_seed(0)
+    env = envs.make("reacher", "all-observant")
+    policy = matd3bc.Policies(env, 16, np.zeros((2, env.obs_dim)), np.ones((2, env.obs_dim)), memory=0, memory_dim=8)
+    critics = matd3bc.MixedTwinCritics(2, policy.feature_dim, env.act_dim, env.state_dim, 16)
+    obs = torch.randn(2, 7, env.obs_dim)
+    pi = policy(policy.features(obs))
+    matd3bc.td3bc_actor_loss(critics(torch.randn(7, env.state_dim), obs, pi)[0], pi, pi.detach(), 2.5).backward()
+    first_layer = policy.net[0].weight.grad  # [N, in, out]: each agent's gradient is its own slice
+    assert (first_layer.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_memory_is_ibc_memory():
+    torch.manual_seed(0)
+    ours, reference = matd3bc.Memory(2, 6, 10, 16), ibc.Memory(2, 6, 10, 16)
+    reference.load_state_dict(ours.state_dict())
+    tokens, mask = torch.randn(2, 4, 10, 6), torch.rand(4, 10) > 0.3
+    assert torch.equal(ours(tokens, mask), reference(tokens, mask))
+
+
+def test_act_normalises_like_training():
+    """policy.act on raw inputs (as envs.evaluate passes them) equals the training path on normalised ones."""
+    import envs
+
+    torch.manual_seed(0)
+    env = envs.make("reacher", "independent")
+    n, o, k = env.n_agents, env.obs_dim, 10
+    obs_mean, obs_std = np.random.randn(n, o).astype(np.float32), np.random.rand(n, o).astype(np.float32) + 0.5
+    policy = matd3bc.Policies(env, 16, obs_mean, obs_std, memory=k, memory_dim=8)
+    obs, past_obs = np.random.randn(n, o).astype(np.float32), np.random.randn(n, k, o).astype(np.float32)
+    past_actions, mask = np.random.rand(n, k, env.act_dim).astype(np.float32), np.arange(k) >= 4
+    acted = policy.act(obs, past_obs, past_actions, mask)
+    obs_n = torch.as_tensor((obs - obs_mean) / obs_std).unsqueeze(1)  # [N, 1, O]
+    past_n = torch.as_tensor((past_obs - obs_mean[:, None]) / obs_std[:, None]).unsqueeze(1)  # [N, 1, K, O]
+    features = policy.features(obs_n, past_n, torch.as_tensor(past_actions).unsqueeze(1), torch.as_tensor(mask)[None])
+    assert acted.shape == (n, env.act_dim)
+    assert np.allclose(acted, policy(features).squeeze(1).detach().numpy(), atol=1e-6)
