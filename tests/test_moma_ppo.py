@@ -1,5 +1,7 @@
 """Formulas of MOMA-PPO (paper section 3 and appendix A) against hand or numpy computations."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -176,6 +178,7 @@ def test_world_model_is_cached_and_reused_with_the_same_result(tmp_path, capsys)
     first = moma_ppo.main(moma_ppo.Args(**args))
     (cached,) = (tmp_path / "world_models").iterdir()
     assert "world model: saved" in capsys.readouterr().out
+    time.sleep(1.1)  # run folders are named to the second
     second = moma_ppo.main(moma_ppo.Args(**args))
     assert f"world model: loaded {cached}" in capsys.readouterr().out
     assert second["return"] == first["return"]
