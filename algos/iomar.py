@@ -36,7 +36,7 @@
 # normalised with dataset statistics (OMAR: a BatchNorm input layer); gradient norms are clipped
 # at 1 (the paper's value; OMAR: 0.5); all agents learn from the same minibatch, and the gradient
 # clip is applied to all agents' networks together (one batched network with [agents, in, out]
-# weights); the memory module learns at the shared learning rate (Appendix A: 1e-4).
+# weights); the memory module is trained by the critic loss only, at Appendix A's 1e-4.
 import copy
 import json
 import math
@@ -91,6 +91,8 @@ class Args:
     observation setting hides part of the state, 0 (no memory module) otherwise"""
     memory_dim: int = 128
     """width e_h of the memory module's embedding and of its summary"""
+    memory_learning_rate: float = 1e-4
+    """Adam learning rate of the memory module (the paper's, for every algorithm)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -339,8 +341,11 @@ def main(args: Args) -> dict:
     policy_target = copy.deepcopy(policy).requires_grad_(False)  # the target memory comes with it
     critics_target = copy.deepcopy(critics).requires_grad_(False)
     # the critic loss trains the memory; the actor loss trains the actors' MLPs only
-    critic_params = list(critics.parameters()) + (list(policy.memory.parameters()) if args.memory else [])
-    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate)
+    critic_groups = [{"params": critics.parameters()}]
+    if args.memory:  # trained by the critic loss, at the paper's memory learning rate
+        critic_groups.append({"params": policy.memory.parameters(), "lr": args.memory_learning_rate})
+    critic_optimizer = torch.optim.Adam(critic_groups, lr=args.learning_rate)
+    critic_params = [p for group in critic_optimizer.param_groups for p in group["params"]]  # clipped together
     actor_optimizer = torch.optim.Adam(policy.net.parameters(), lr=args.learning_rate)
 
     def inputs(idx: torch.Tensor, next_step: bool = False) -> tuple:

@@ -18,8 +18,8 @@
 #
 # Differences from the paper: the agents' networks are one batched network ([agents, in, out]
 # weights, the twin critics [2 x agents, in, out]); gradient norms are clipped at 1 over all agents'
-# actors (critics) at once rather than per agent; the memory trains at the critics' learning rate
-# (the paper's is 1e-4).
+# actors (critics) at once rather than per agent; the memory is trained by the critic loss only
+# (the paper also backprops the actor loss through it), at the paper's 1e-4.
 import copy
 import json
 import math
@@ -74,6 +74,8 @@ class Args:
     observation setting hides part of the state, 0 (no memory module) otherwise"""
     memory_dim: int = 128
     """width e_h of the memory module's embedding and of its summary"""
+    memory_learning_rate: float = 1e-4
+    """Adam learning rate of the memory module (the paper's, for every algorithm)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -249,8 +251,11 @@ def main(args: Args) -> dict:
     critics = TwinCritics(env.n_agents, policy.feature_dim, env.act_dim, args.hidden).to(device)
     policy_target, critics_target = copy.deepcopy(policy).requires_grad_(False), copy.deepcopy(critics).requires_grad_(False)
     # the memory is the critics' to train (Appendix A: policy and value networks share it)
-    critic_params = list(critics.parameters()) + (list(policy.memory.parameters()) if args.memory else [])
-    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate)
+    critic_groups = [{"params": critics.parameters()}]
+    if args.memory:  # trained by the critic loss, at the paper's memory learning rate
+        critic_groups.append({"params": policy.memory.parameters(), "lr": args.memory_learning_rate})
+    critic_optimizer = torch.optim.Adam(critic_groups, lr=args.learning_rate)
+    critic_params = [p for group in critic_optimizer.param_groups for p in group["params"]]  # clipped together
     actor_optimizer = torch.optim.Adam(policy.net.parameters(), lr=args.learning_rate)
 
     def inputs(idx: torch.Tensor) -> tuple:

@@ -32,8 +32,8 @@
 # tanh-squashed Gaussians with a state-dependent variance, we follow the official IQL code
 # (tanh on the mean only, a state-independent log std clamped to [-5, 2]) without its cosine
 # decay of the policy's learning rate or its rescaling of D4RL locomotion rewards; one Q_i per
-# agent as in eq. 4 (the official IQL takes the min of twin Q networks); the memory learns at
-# `--learning-rate` like every other network (the paper: 1e-4); as in CORL's IQL, the
+# agent as in eq. 4 (the official IQL takes the min of twin Q networks); the memory is trained
+# by the Q and V losses (the policies read it detached), at the paper's 1e-4; as in CORL's IQL, the
 # advantage and the Q target use V_tot before this step's V update, so that the three losses
 # come from one batch and are minimised with one backward pass (their parameters are disjoint,
 # the memory's gradient being the sum of those of the Q and V losses).
@@ -92,6 +92,8 @@ class Args:
     observation setting hides part of the state, 0 (no memory module) otherwise"""
     memory_dim: int = 128
     """width e_h of the memory module's embedding and of its summary"""
+    memory_learning_rate: float = 1e-4
+    """Adam learning rate of the memory module (the paper's, for every algorithm)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -328,7 +330,7 @@ def main(args: Args) -> dict:
     if args.memory:  # one memory per agent (batched), shared by its Q_i, V_i and policy
         memory = Memory(n, env.obs_dim + env.act_dim, args.memory, args.memory_dim).to(device)
         memory_target = copy.deepcopy(memory).requires_grad_(False)
-        optimizers["memory"] = (torch.optim.Adam(memory.parameters(), lr=args.learning_rate, fused=True), memory)
+        optimizers["memory"] = (torch.optim.Adam(memory.parameters(), lr=args.memory_learning_rate, fused=True), memory)
         targets.append((memory, memory_target))
 
     def sample(idx: torch.Tensor) -> dict:

@@ -27,7 +27,7 @@
 # bias), the actors and target networks follow TD3+BC's official code. The agents' networks are
 # one batched network ([agents, in, out] weights, the twin utilities [2 x agents, in, out], the
 # twin mixers [2, in, out]); gradient norms are clipped at 1 over all actors (all critics) at
-# once; the memory trains at the critics' learning rate (the paper's is 1e-4).
+# once; the memory is trained by the critic loss only, at the paper's 1e-4.
 import copy
 import json
 import math
@@ -82,6 +82,8 @@ class Args:
     observation setting hides part of the state, 0 (no memory module) otherwise"""
     memory_dim: int = 128
     """width e_h of the memory module's embedding and of its summary"""
+    memory_learning_rate: float = 1e-4
+    """Adam learning rate of the memory module (the paper's, for every algorithm)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -266,8 +268,11 @@ def main(args: Args) -> dict:
     critics = MixedTwinCritics(env.n_agents, policy.feature_dim, env.act_dim, env.state_dim, args.hidden).to(device)
     policy_target, critics_target = copy.deepcopy(policy).requires_grad_(False), copy.deepcopy(critics).requires_grad_(False)
     # the memory is the critics' to train (Appendix A: policy and value networks share it)
-    critic_params = list(critics.parameters()) + (list(policy.memory.parameters()) if args.memory else [])
-    critic_optimizer = torch.optim.Adam(critic_params, lr=args.learning_rate)
+    critic_groups = [{"params": critics.parameters()}]
+    if args.memory:  # trained by the critic loss, at the paper's memory learning rate
+        critic_groups.append({"params": policy.memory.parameters(), "lr": args.memory_learning_rate})
+    critic_optimizer = torch.optim.Adam(critic_groups, lr=args.learning_rate)
+    critic_params = [p for group in critic_optimizer.param_groups for p in group["params"]]  # clipped together
     actor_optimizer = torch.optim.Adam(policy.net.parameters(), lr=args.learning_rate)
 
     def inputs(idx: torch.Tensor) -> tuple:
