@@ -71,6 +71,8 @@ class Args:
     """discard the existing results of the runs asked for instead of resuming"""
     tables_only: bool = False
     """only rebuild the markdown table and README from the existing CSV"""
+    datasets: tuple[str, ...] = ()
+    """table 2 only: remeasure just these rows ("task/dataset", e.g. ant/medium), keeping the others"""
 
 
 _modules: dict = {}
@@ -145,14 +147,23 @@ def write_readme_section(table: str, text: str) -> None:
         readme.write_text(f"{before}{start}\n{text}{end}{after}")
 
 
-def table2() -> None:
-    """Dataset statistics (paper Table 2): builds the datasets it can, from the committed policies."""
+def table2(only: tuple[str, ...] = ()) -> None:
+    """Dataset statistics (paper Table 2): builds the datasets it can, from the committed policies.
+
+    `only` ("task/dataset", e.g. "ant/medium") remeasures those rows and keeps the others from the CSV.
+    """
     sys.path.insert(0, str(ROOT))
     import data
     import envs
 
-    rows, lines = [], []
-    for (task, dataset), paper in PAPER_TABLE2.items():
+    csv_path = RESULTS / "table2.csv"
+    rows = {(r["task"], r["dataset"]): r for r in read_rows(csv_path)} if only else {}
+    unknown = set(only) - {f"{task}/{dataset}" for task, dataset in PAPER_TABLE2}
+    if unknown:
+        sys.exit(f"error: unknown dataset(s) {', '.join(sorted(unknown))}; choose from {', '.join(f'{t}/{d}' for t, d in PAPER_TABLE2)}")
+    for task, dataset in PAPER_TABLE2:
+        if only and f"{task}/{dataset}" not in only:
+            continue
         if task not in data.REFERENCE_RETURNS:
             print(f"{task}: no reference returns yet (python -m data.mujoco_datasets --task {task}); skipping {dataset}")
             continue
@@ -165,23 +176,27 @@ def table2() -> None:
             min=round(float(scores.min()), 1), mean=round(float(scores.mean()), 1), median=round(float(np.median(scores)), 1),
             max=round(float(scores.max()), 1), random_return=round(random_return, 3), expert_return=round(expert_return, 3),
         )  # fmt: skip
-        rows.append(row)
+        rows[task, dataset] = row
         print(f"{task} {dataset}: {row} ({time.time() - start:.0f}s)")
         if task == "reacher":  # the elbow convention of each episode: the sign of its mean elbow angle
             elbow = np.arctan2(ds.states[:, 3], ds.states[:, 1])
             episode = np.cumsum(ds.episode_starts) - 1
             up = np.bincount(episode, weights=elbow) >= 0
             print(f"reacher expert-mix: elbow up (q1 >= 0) in {up.mean():.1%} of episodes, down in {1 - up.mean():.1%}")
-        lines.append(
-            f"| {task} | {dataset} | " + " | ".join(f"**{row[k]}** ({p})" for k, p in zip(("min", "mean", "median", "max"), paper))
-            + f" | **{row['expert_return']:.1f}** ({PAPER_REFERENCES[task][1]}) | **{row['random_return']:.1f}** ({PAPER_REFERENCES[task][0]}) |"
-        )
     if not rows:
         return
-    with (RESULTS / "table2.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    ordered = [rows[key] for key in PAPER_TABLE2 if key in rows]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ordered[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(ordered)
+    lines = [
+        f"| {row['task']} | {row['dataset']} | "
+        + " | ".join(f"**{row[k]}** ({p})" for k, p in zip(("min", "mean", "median", "max"), PAPER_TABLE2[row["task"], row["dataset"]]))
+        + f" | **{float(row['expert_return']):.1f}** ({PAPER_REFERENCES[row['task']][1]})"
+        + f" | **{float(row['random_return']):.1f}** ({PAPER_REFERENCES[row['task']][0]}) |"
+        for row in ordered
+    ]
     text = "\n".join(
         ["| task | dataset | min (%) | mean (%) | median (%) | max (%) | expert return | random return |", "|---|---|---|---|---|---|---|---|"]
         + lines
@@ -194,7 +209,7 @@ def table2() -> None:
 def main(args: Args) -> None:
     if args.table == "2":
         RESULTS.mkdir(parents=True, exist_ok=True)
-        return table2()
+        return table2(args.datasets)
     if args.table not in TABLES:
         sys.exit(f"error: unknown table '{args.table}'; choose one of: {', '.join(TABLES)}")
     spec = TABLES[args.table]

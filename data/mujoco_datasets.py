@@ -25,7 +25,7 @@ REFERENCES = Path(__file__).parent / "references.json"  # measured by measure_re
 DATASETS = {
     "ant": {
         "random": "the randomly initialised policy (step 0 of the training run)",
-        "medium": "the training snapshot whose return is closest to a third of the expert's",
+        "medium": "the training snapshot whose normalized return is closest to 80%, what D4RL's ant-medium scores",
         "full-replay": "every training snapshot, each for an equal share: the run's experience from random to expert",
         "expert": "the final training snapshot",
     },
@@ -113,14 +113,32 @@ def build(task: str, name: str, size: int = DEFAULT_SIZE, seed: int = 0) -> dict
         return collect(task, [random_policy(paths[0])], [size], seed, progress="ant random")
     elif name == "expert":
         chosen = [paths[-1]]
-    elif name == "medium":  # returns measured while training (last 50 episodes before the snapshot)
-        returns = {p: torch.load(p, weights_only=True)["training_return"] or 0.0 for p in paths}
-        chosen = [min(paths, key=lambda p: abs(returns[p] - returns[paths[-1]] / 3))]
+    elif name == "medium":
+        chosen = [medium_snapshot(paths)]
     else:  # full-replay
         chosen = paths
     shares = np.full(len(chosen), size // len(chosen))
     shares[: size - shares.sum()] += 1
     return collect(task, [load_policy(p) for p in chosen], list(shares), seed, progress=f"ant {name}")
+
+
+MEDIUM_TARGET = 0.8  # normalized score of D4RL's ant-medium (paper Table 2: mean 80.2%)
+
+
+def medium_snapshot(paths: list[Path]) -> Path:
+    """The snapshot whose training return (sampled actions, the last 50 episodes before it) is
+    nearest MEDIUM_TARGET of the way from the random to the expert reference return.
+
+    D4RL describes its medium policy as "about a third of the expert", but that third is of a
+    SAC run whose expert it never used for normalising; what its ant-medium data scores, and
+    what the paper's Table 2 shows, is 80% of the normalising expert. A third of our final
+    return gave a 36% dataset, so we aim at the score instead.
+    """
+    references = json.loads(REFERENCES.read_text())["ant"]
+    random_return, expert_return = references["random"], references["expert"]
+    returns = {p: torch.load(p, weights_only=True)["training_return"] for p in paths}
+    candidates = [p for p in paths if returns[p] is not None]
+    return min(candidates, key=lambda p: abs((returns[p] - random_return) / (expert_return - random_return) - MEDIUM_TARGET))
 
 
 def _concat(a: dict, b: dict) -> dict:
