@@ -26,11 +26,19 @@
 #   dataset's history of the start state and grow with the generated steps.
 # - Continuous actions (Gaussian policies, action-bound penalty, per-dimension entropy
 #   temperatures) run, but the MuJoCo settings are not validated yet (issue #4).
+#
+# Ablations: --ground-truth-model (MOMA-PPO-gt, Table 5: rollouts step the real simulator from
+# the same dataset states), --penalty aleatoric (section 6.3), --lambda-r, --lambda-g, --l-eps
+# (inf: no adaptive time-out), --rollout-length. Long runs save model.pt every --save-every
+# learning steps and on Ctrl-C / SIGTERM; --resume RUN_DIR continues one exactly where it stopped.
+import contextlib
 import hashlib
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -101,6 +109,14 @@ class Args:
     world_model: str | None = None
     """a saved world model to use instead of training one (default: the cached one for this dataset and these
     wm_* settings, in {runs_dir}/world_models/, trained and saved there on first use)"""
+    ground_truth_model: bool = False
+    """roll out through the real simulator from dataset states instead of a learned model (MOMA-PPO-gt, Table 5):
+    no uncertainty, so no penalty and no adaptive time-out"""
+    resume: str | None = None
+    """a run folder (or its model.pt) to continue: its settings, weights, optimiser, RNG state and step are
+    restored and the run goes on in that folder (--total-steps, if given, replaces the saved budget)"""
+    save_every: int = 100
+    """learning steps between checkpoints (model.pt, everything needed to resume); Ctrl-C also saves one"""
 
     # synthetic rollouts (section 3.2)
     rollout_batch: int = 200
@@ -589,7 +605,54 @@ def timeout_aware_gae(rewards, values, next_values, masks, timeout_masks, gamma,
     return returns, advantages
 
 
+def get_world_model(args, path: Path, dataset, env, encode_actions, device, writer) -> WorldModel:
+    """The world model saved at `path`, or one trained now and saved there."""
+    action_input = encode_actions(torch.as_tensor(dataset.actions[:1], device=device)).shape[1]
+    # the world model has its own random streams: a cached model and a freshly trained one give the same run
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.wm_seed)
+        if args.world_model or path.exists():
+            world_model = load_world_model(path, env.state_dim, action_input, device)
+            print(f"world model: loaded {path}", flush=True)
+        else:
+            generator = torch.Generator(device).manual_seed(args.wm_seed)
+            world_model = train_world_model(args, dataset, encode_actions, device, writer, generator)
+            save_world_model(world_model, path)
+            print(f"world model: saved {path}", flush=True)
+    return world_model
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """A list that gets an entry on Ctrl-C or SIGTERM, so that the training loop can save a checkpoint
+    and stop cleanly after its current learning step (signal handlers only exist in the main thread)."""
+    requests, previous = [], {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda number, frame: requests.append(number))
+    try:
+        yield requests
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def load_checkpoint(resume: str) -> tuple[Path, dict]:
+    """The run folder and checkpoint that --resume names (a run folder or its model.pt)."""
+    path = Path(resume)
+    path = path / "model.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise envs.UserInputError(f"nothing to resume at '{resume}'; pass a run folder holding a model.pt")
+    return path.parent, torch.load(path, map_location="cpu", weights_only=False)
+
+
 def main(args: Args) -> dict:
+    checkpoint = None
+    if args.resume:  # the saved settings, except a new budget
+        run_dir, checkpoint = load_checkpoint(args.resume)
+        total_steps, resume = args.total_steps, args.resume
+        args = Args(**checkpoint["args"])
+        args.total_steps, args.resume = total_steps or args.total_steps, resume
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -601,8 +664,9 @@ def main(args: Args) -> dict:
     if args.penalty not in ("epistemic", "aleatoric"):
         raise envs.UserInputError(f"unknown --penalty '{args.penalty}'; choose epistemic or aleatoric")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__moma_ppo__{args.seed}__{int(start_time)}"
-    run_dir = Path(args.runs_dir) / run_name
-    writer = SummaryWriter(str(run_dir))
+    if checkpoint is None:
+        run_dir = Path(args.runs_dir) / run_name
+    writer = SummaryWriter(str(run_dir))  # a resumed run appends to its own logs
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     random.seed(args.seed)
@@ -618,19 +682,12 @@ def main(args: Args) -> dict:
     policies = Policies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim).to(device)
     action_dims = 1 if env.n_actions is not None else env.act_dim
     value = MixedValue(env.n_agents, policies.feature_dim, env.state_dim, args.hidden, state_mean, state_std).to(device)
-    action_input = policies.encode(torch.as_tensor(dataset.actions[:1], device=device)).shape[1]
-    wm_path = Path(args.world_model) if args.world_model else cached_world_model_path(args, dataset)
-    # the world model has its own random streams: a cached model and a freshly trained one give the same run
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.wm_seed)
-        if args.world_model or wm_path.exists():
-            world_model = load_world_model(wm_path, env.state_dim, action_input, device)
-            print(f"world model: loaded {wm_path}", flush=True)
-        else:
-            wm_generator = torch.Generator(device).manual_seed(args.wm_seed)
-            world_model = train_world_model(args, dataset, policies.encode, device, writer, wm_generator)
-            save_world_model(world_model, wm_path)
-            print(f"world model: saved {wm_path}", flush=True)
+    if args.ground_truth_model:
+        world_model, wm_path = envs.Simulators(args.task, args.rollout_batch, seed=args.seed), "ground truth"
+        print("rollouts through the real simulator (--ground-truth-model)", flush=True)
+    else:
+        wm_path = Path(args.world_model) if args.world_model else cached_world_model_path(args, dataset)
+        world_model = get_world_model(args, wm_path, dataset, env, policies.encode, device, writer)
     groups = [{"params": [*policies.net.parameters(), *value.parameters()]}]
     if args.memory:  # shared by the policies and the value network, with its own learning rate
         groups.append({"params": policies.memory.parameters(), "lr": args.memory_learning_rate})
@@ -652,120 +709,155 @@ def main(args: Args) -> dict:
         past, mask = data.history_index(episode_first[idx], idx, args.memory)
         return start_states[idx], (dataset_obs[:, past], dataset_actions[:, past], mask)
 
+    def model_step(states: torch.Tensor, actions: torch.Tensor) -> tuple:
+        """One step of every rollout slot from states [b, S] with the agents' actions [N, b, ...]: the world
+        model's, or with --ground-truth-model the simulator's (exact: zero uncertainty, no penalty, no time-out)."""
+        if not args.ground_truth_model:
+            return world_model.step(states, policies.encode(actions.transpose(0, 1)), generator)
+        per_agent = actions.transpose(0, 1)
+        per_agent = per_agent if env.n_actions is not None else per_agent.clamp(-1, 1)  # as the world model sees them
+        next_states, reward, terminal = (
+            torch.as_tensor(x, device=device) for x in world_model.step(states.cpu().numpy(), per_agent.cpu().numpy())
+        )
+        zero = torch.zeros_like(reward)
+        return next_states, reward, terminal, zero, zero, zero
+
     def evaluate() -> tuple[float, float]:
         returns = envs.evaluate(env, policies.act, args.eval_episodes, seed=args.seed, memory=args.memory)
         return float(returns.mean()), data.normalized_score(args.task, returns)
 
-    ppo_start = time.time()
-    for step in range(1, args.total_steps + 1):
-        # -- synthetic rollouts through the world model, all slots and agents at once --
-        states, past = sample_starts(b)
-        buffer = defaultdict(list)
-        with torch.no_grad():
-            for t in range(k):
-                obs = env.observe(states).transpose(0, 1)  # [N, b, O]
-                dist = policies.distribution(policies.features(obs, *past))
-                actions = dist.sample()  # [N, b, ...]
-                next_states, reward, terminal, eps_r, eps_g, aleatoric = world_model.step(
-                    states, policies.encode(actions.transpose(0, 1)), generator
-                )
-                timeout = adaptive_timeout(eps_g, args.l_eps) | (t == k - 1)
-                penalty = uncertainty_penalty(eps_r, eps_g, aleatoric, args)
-                next_past = extend_history(past, obs, actions)
-                transition = dict(
-                    states=states, actions=actions, log_probs=policies.log_prob_dims(dist, actions), rewards=reward - penalty,
-                    masks=1.0 - terminal.float(), timeout_masks=1.0 - timeout.float(), next_states=next_states,
-                    past=past, next_past=next_past,
-                )  # fmt: skip
-                for key, x in transition.items():
-                    buffer[key].append(x)
-                # a finished slot restarts from a fresh dataset state (and its history)
-                fresh_states, fresh_past = sample_starts(b)
-                ended = terminal | timeout
-                states = torch.where(ended[:, None], fresh_states, next_states)
-                past = restart_history(ended, fresh_past, next_past)
-            # [k, ...]; the histories [k, N, b, K, ...] become [N, k * b, K, ...] and masks [k * b, K]
-            past, next_past = (
-                tuple(torch.stack(x).transpose(0, 1).flatten(1, 2) if x[0].dim() > 2 else torch.stack(x).flatten(0, 1)
-                      for x in zip(*buffer.pop(key)))
-                for key in ("past", "next_past")
-            )  # fmt: skip
-            rollout = {key: torch.stack(x) for key, x in buffer.items()}
-            obs = env.observe(rollout["states"]).permute(2, 0, 1, 3).flatten(1, 2)  # [N, k * b, O]
-            next_obs = env.observe(rollout["next_states"]).permute(2, 0, 1, 3).flatten(1, 2)
-            flat_states = rollout["states"].flatten(0, 1)
-            values = value(policies.features(obs, *past), flat_states).view(k, b)
-            next_values = value(policies.features(next_obs, *next_past), rollout["next_states"].flatten(0, 1)).view(k, b)
-            returns, advantages = timeout_aware_gae(
-                rollout["rewards"], values, next_values, rollout["masks"], rollout["timeout_masks"], args.gamma, args.gae_lambda
-            )
-
-        # -- MAPPO update on the k * b synthetic transitions --
-        flat_actions = rollout["actions"].transpose(0, 1).flatten(1, 2)  # [N, k*b, ...]
-        flat_log_probs = rollout["log_probs"].transpose(0, 1).flatten(1, 2)  # [N, k*b, D]
-        flat_returns, flat_advantages = returns.flatten(), advantages.flatten()
-        flat_advantages = (flat_advantages - flat_advantages.mean()) / (flat_advantages.std() + 1e-8)
-        for _ in range(args.epochs):
-            for idx in torch.randperm(k * b, device=device, generator=generator).split(args.minibatch_size):
-                actions = flat_actions[:, idx]
-                features = policies.features(obs[:, idx], *(x[idx] if x.dim() == 2 else x[:, idx] for x in past))
-                log_probs = policies.log_prob_dims(policies.distribution(features), actions)  # [N, mb, D]
-                ratio = (log_probs - flat_log_probs[:, idx]).sum(-1).exp()  # one ratio per agent: [N, mb]
-                clipped_ratio = ratio.clamp(1 - args.clip, 1 + args.clip)
-                adv = flat_advantages[idx]
-                policy_loss = -torch.min(ratio * adv, clipped_ratio * adv).mean(1).sum()
-                # appendix A: entropy estimated as E_old[-ratio * log pi_new] per action dimension,
-                # clipped like the objective; its temperature follows a dual update towards the target
-                entropy = torch.min(
-                    -(ratio[..., None] * log_probs).mean(1), -(clipped_ratio[..., None] * log_probs).mean(1)
-                )  # [N, D]
-                entropy_alpha += args.entropy_lr * (args.entropy_target - entropy.detach())
-                entropy_alpha.clamp_(min=0.0)
-                entropy_bonus = -(entropy * entropy_alpha).sum()
-                # appendix A: squared excess over the action bounds, ratio-weighted like the objective
-                bound_error = policies.bound_error(actions)  # [N, mb]
-                bound_penalty = torch.max((ratio * bound_error).mean(1), (clipped_ratio * bound_error).mean(1)).sum()
-                value_loss = ((value(features, flat_states[idx]) - flat_returns[idx]) ** 2).mean()
-                loss = policy_loss + args.critic_coef * value_loss + entropy_bonus + args.action_penalty * bound_penalty
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_([*policies.parameters(), *value.parameters()], 1.0)
-                optimizer.step()
-
-        writer.add_scalar("losses/policy_loss", policy_loss.item(), step)
-        writer.add_scalar("losses/value_loss", value_loss.item(), step)
-        writer.add_scalar("losses/entropy", entropy.mean().item(), step)
-        writer.add_scalar("losses/entropy_alpha", entropy_alpha.mean().item(), step)
-        writer.add_scalar("charts/synthetic_reward", rollout["rewards"].mean().item(), step)
-        writer.add_scalar("charts/timeout_rate", 1 - rollout["timeout_masks"][:-1].mean().item(), step)
-        writer.add_scalar("charts/SPS", int(step * k * b / (time.time() - ppo_start)), step)
-        if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
-            ret, score = evaluate()
-            writer.add_scalar("eval/return", ret, step)
-            writer.add_scalar("eval/normalized_score", score, step)
-            print(f"step {step}: return {ret:.2f}, normalized score {score:.3f}", flush=True)
-
-    ret, score = evaluate()
-    writer.add_scalar("eval/return", ret, args.total_steps)
-    writer.add_scalar("eval/normalized_score", score, args.total_steps)
-    writer.close()
-    torch.save(
-        {
+    def save_checkpoint(step: int) -> None:
+        """Everything needed to evaluate the agents or to go on training (--resume), written atomically."""
+        state = {
             "args": asdict(args),
             "policies": policies.state_dict(),  # state dicts include the normalisation statistics
             "value": value.state_dict(),
             "world_model": str(wm_path),  # the weights are there (cached models are shared between runs)
             "optimizer": optimizer.state_dict(),
             "entropy_alpha": entropy_alpha,
-            "step": args.total_steps,
+            "step": step,
             "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
-        },
-        run_dir / "model.pt",
-    )
+            "wall_seconds": wall_seconds(),
+        }
+        torch.save(state, run_dir / "model.pt.tmp")
+        (run_dir / "model.pt.tmp").replace(run_dir / "model.pt")
+
+    start_step, previous_seconds = 0, 0.0
+    if checkpoint is not None:
+        policies.load_state_dict(checkpoint["policies"])
+        value.load_state_dict(checkpoint["value"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        entropy_alpha.copy_(checkpoint["entropy_alpha"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        generator.set_state(checkpoint["rng"]["generator"])
+        start_step, previous_seconds = checkpoint["step"], checkpoint.get("wall_seconds", 0.0)
+        print(f"resuming {run_dir} at learning step {start_step}", flush=True)
+    wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
+
+    ppo_start = time.time()
+    with stop_requests() as stop:
+        for step in range(start_step + 1, args.total_steps + 1):
+            # -- synthetic rollouts through the world model, all slots and agents at once --
+            states, past = sample_starts(b)
+            buffer = defaultdict(list)
+            with torch.no_grad():
+                for t in range(k):
+                    obs = env.observe(states).transpose(0, 1)  # [N, b, O]
+                    dist = policies.distribution(policies.features(obs, *past))
+                    actions = dist.sample()  # [N, b, ...]
+                    next_states, reward, terminal, eps_r, eps_g, aleatoric = model_step(states, actions)
+                    timeout = adaptive_timeout(eps_g, args.l_eps) | (t == k - 1)
+                    penalty = uncertainty_penalty(eps_r, eps_g, aleatoric, args)
+                    next_past = extend_history(past, obs, actions)
+                    transition = dict(
+                        states=states, actions=actions, log_probs=policies.log_prob_dims(dist, actions), rewards=reward - penalty,
+                        masks=1.0 - terminal.float(), timeout_masks=1.0 - timeout.float(), next_states=next_states,
+                        past=past, next_past=next_past,
+                    )  # fmt: skip
+                    for key, x in transition.items():
+                        buffer[key].append(x)
+                    # a finished slot restarts from a fresh dataset state (and its history)
+                    fresh_states, fresh_past = sample_starts(b)
+                    ended = terminal | timeout
+                    states = torch.where(ended[:, None], fresh_states, next_states)
+                    past = restart_history(ended, fresh_past, next_past)
+                # [k, ...]; the histories [k, N, b, K, ...] become [N, k * b, K, ...] and masks [k * b, K]
+                past, next_past = (
+                    tuple(torch.stack(x).transpose(0, 1).flatten(1, 2) if x[0].dim() > 2 else torch.stack(x).flatten(0, 1)
+                          for x in zip(*buffer.pop(key)))
+                    for key in ("past", "next_past")
+                )  # fmt: skip
+                rollout = {key: torch.stack(x) for key, x in buffer.items()}
+                obs = env.observe(rollout["states"]).permute(2, 0, 1, 3).flatten(1, 2)  # [N, k * b, O]
+                next_obs = env.observe(rollout["next_states"]).permute(2, 0, 1, 3).flatten(1, 2)
+                flat_states = rollout["states"].flatten(0, 1)
+                values = value(policies.features(obs, *past), flat_states).view(k, b)
+                next_values = value(policies.features(next_obs, *next_past), rollout["next_states"].flatten(0, 1)).view(k, b)
+                returns, advantages = timeout_aware_gae(
+                    rollout["rewards"], values, next_values, rollout["masks"], rollout["timeout_masks"], args.gamma, args.gae_lambda
+                )
+
+            # -- MAPPO update on the k * b synthetic transitions --
+            flat_actions = rollout["actions"].transpose(0, 1).flatten(1, 2)  # [N, k*b, ...]
+            flat_log_probs = rollout["log_probs"].transpose(0, 1).flatten(1, 2)  # [N, k*b, D]
+            flat_returns, flat_advantages = returns.flatten(), advantages.flatten()
+            flat_advantages = (flat_advantages - flat_advantages.mean()) / (flat_advantages.std() + 1e-8)
+            for _ in range(args.epochs):
+                for idx in torch.randperm(k * b, device=device, generator=generator).split(args.minibatch_size):
+                    actions = flat_actions[:, idx]
+                    features = policies.features(obs[:, idx], *(x[idx] if x.dim() == 2 else x[:, idx] for x in past))
+                    log_probs = policies.log_prob_dims(policies.distribution(features), actions)  # [N, mb, D]
+                    ratio = (log_probs - flat_log_probs[:, idx]).sum(-1).exp()  # one ratio per agent: [N, mb]
+                    clipped_ratio = ratio.clamp(1 - args.clip, 1 + args.clip)
+                    adv = flat_advantages[idx]
+                    policy_loss = -torch.min(ratio * adv, clipped_ratio * adv).mean(1).sum()
+                    # appendix A: entropy estimated as E_old[-ratio * log pi_new] per action dimension,
+                    # clipped like the objective; its temperature follows a dual update towards the target
+                    entropy = torch.min(
+                        -(ratio[..., None] * log_probs).mean(1), -(clipped_ratio[..., None] * log_probs).mean(1)
+                    )  # [N, D]
+                    entropy_alpha += args.entropy_lr * (args.entropy_target - entropy.detach())
+                    entropy_alpha.clamp_(min=0.0)
+                    entropy_bonus = -(entropy * entropy_alpha).sum()
+                    # appendix A: squared excess over the action bounds, ratio-weighted like the objective
+                    bound_error = policies.bound_error(actions)  # [N, mb]
+                    bound_penalty = torch.max((ratio * bound_error).mean(1), (clipped_ratio * bound_error).mean(1)).sum()
+                    value_loss = ((value(features, flat_states[idx]) - flat_returns[idx]) ** 2).mean()
+                    loss = policy_loss + args.critic_coef * value_loss + entropy_bonus + args.action_penalty * bound_penalty
+                    optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_([*policies.parameters(), *value.parameters()], 1.0)
+                    optimizer.step()
+
+            writer.add_scalar("losses/policy_loss", policy_loss.item(), step)
+            writer.add_scalar("losses/value_loss", value_loss.item(), step)
+            writer.add_scalar("losses/entropy", entropy.mean().item(), step)
+            writer.add_scalar("losses/entropy_alpha", entropy_alpha.mean().item(), step)
+            writer.add_scalar("charts/synthetic_reward", rollout["rewards"].mean().item(), step)
+            writer.add_scalar("charts/timeout_rate", 1 - rollout["timeout_masks"][:-1].mean().item(), step)
+            writer.add_scalar("charts/SPS", int((step - start_step) * k * b / (time.time() - ppo_start)), step)
+            if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+                ret, score = evaluate()
+                writer.add_scalar("eval/return", ret, step)
+                writer.add_scalar("eval/normalized_score", score, step)
+                print(f"step {step}: return {ret:.2f}, normalized score {score:.3f}", flush=True)
+            if stop or step % args.save_every == 0:
+                save_checkpoint(step)
+            if stop:
+                writer.close()
+                sys.exit(f"stopped at learning step {step}; go on with: python algos/moma_ppo.py --resume {run_dir}")
+
+    ppo_end = time.time()
+    ret, score = evaluate()
+    writer.add_scalar("eval/return", ret, args.total_steps)
+    writer.add_scalar("eval/normalized_score", score, args.total_steps)
+    writer.close()
+    save_checkpoint(args.total_steps)
     result = {
         "task": args.task, "obs": env.obs_setting, "dataset": args.dataset, "algo": "moma_ppo", "seed": args.seed,
         "normalized_score": score, "return": ret, "eval_episodes": args.eval_episodes,
-        "total_steps": args.total_steps, "wall_seconds": time.time() - start_time, "device": str(device),
+        "total_steps": args.total_steps, "wall_seconds": wall_seconds(), "device": str(device),
+        "world_model": str(wm_path), "synthetic_per_second": (args.total_steps - start_step) * k * b / (ppo_end - ppo_start),
     }  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     print(f"return {ret:.3f}, results in {run_dir}")

@@ -188,3 +188,51 @@ def test_world_model_is_cached_and_reused_with_the_same_result(tmp_path, capsys)
     # an explicit --world-model of the wrong task is one clear error
     with pytest.raises(envs.UserInputError, match="maps 1-dim states"):
         moma_ppo.main(moma_ppo.Args(**{**args, "task": "reacher", "dataset": "expert-mix", "world_model": str(cached)}))
+
+
+TINY_COORDINATION = dict(dataset="unfavorable", wm_max_steps=50, wm_eval_every=25, rollout_batch=20, minibatch_size=100,
+                         eval_episodes=2)  # fmt: skip
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    """Two steps, then two more after --resume: the same weights as four steps in one go."""
+    moma_ppo.main(moma_ppo.Args(total_steps=4, runs_dir=str(tmp_path / "whole"), **TINY_COORDINATION))
+    moma_ppo.main(moma_ppo.Args(total_steps=2, runs_dir=str(tmp_path / "split"), **TINY_COORDINATION))
+    (split_dir,) = (tmp_path / "split").glob("*__*")
+    assert torch.load(split_dir / "model.pt", weights_only=False)["step"] == 2
+    result = moma_ppo.main(moma_ppo.Args(resume=str(split_dir), total_steps=4))
+    assert result["total_steps"] == 4
+    (whole_dir,) = (tmp_path / "whole").glob("*__*")
+    whole, split = (torch.load(d / "model.pt", weights_only=False) for d in (whole_dir, split_dir))
+    assert split["step"] == 4
+    for key in ("policies", "value"):
+        assert all(torch.equal(whole[key][name], split[key][name]) for name in whole[key])
+    torch.testing.assert_close(whole["entropy_alpha"], split["entropy_alpha"])
+    with pytest.raises(envs.UserInputError, match="nothing to resume"):
+        moma_ppo.main(moma_ppo.Args(resume=str(tmp_path / "nowhere")))
+
+
+def test_stop_requests_collects_signals_and_restores_the_handlers():
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with moma_ppo.stop_requests() as stop:
+        assert not stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ground_truth_model_rolls_out_in_the_simulator(tmp_path, capsys):
+    args = moma_ppo.Args(total_steps=2, ground_truth_model=True, runs_dir=str(tmp_path), **TINY_COORDINATION)
+    result = moma_ppo.main(args)
+    assert "real simulator" in capsys.readouterr().out
+    assert result["world_model"] == "ground truth"
+    assert not (tmp_path / "world_models").exists()  # no model trained
+    # the coordination game's true reward is 1 when the agents agree: a team that always goes right
+    # earns exactly 1 per step in the simulator's rollouts
+    sims = envs.Simulators("coordination", 4)
+    _, rewards, _ = sims.step(np.zeros((4, 1), dtype=np.float32), np.ones((4, 2), dtype=np.int64))
+    assert rewards.tolist() == [1.0] * 4

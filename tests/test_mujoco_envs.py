@@ -82,3 +82,28 @@ def test_rgb_array_rendering(task):
     if out.returncode != 0 and ("OpenGL" in out.stderr or "opengl" in out.stderr or "EGL" in out.stderr):
         pytest.skip("no OpenGL for offscreen rendering here (set MUJOCO_GL)")
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("task", ["coordination", "reacher", "ant"])
+def test_simulators_step_from_given_states_like_an_episode(task):
+    env = envs.make(task)
+    rng = np.random.default_rng(3)
+    env.reset(seed=0)
+    states, actions, rewards, next_states, terminals = [], [], [], [], []
+    while env.agents and len(states) < 30:
+        states.append(env.state())
+        if env.n_actions is not None:
+            actions.append(rng.integers(0, env.n_actions, size=env.n_agents))
+        else:
+            actions.append(rng.uniform(-1, 1, size=(env.n_agents, env.act_dim)).astype(np.float32))
+        _, reward, terminated, _, _ = env.step({a: actions[-1][i] for i, a in enumerate(env.possible_agents)})
+        rewards.append(reward["agent_0"])
+        next_states.append(env.state())
+        terminals.append(terminated["agent_0"])
+    # shuffled: each copy must start from the state it is given, not from its own past
+    order = rng.permutation(len(states))
+    sims = envs.Simulators(task, count=len(states) + 2)
+    out_states, out_rewards, out_terminals = sims.step(np.array(states)[order], np.array(actions)[order])
+    np.testing.assert_allclose(out_states, np.array(next_states)[order], atol=1e-4)
+    np.testing.assert_allclose(out_rewards, np.array(rewards)[order], atol=0.05)
+    np.testing.assert_array_equal(out_terminals, np.array(terminals)[order])
