@@ -15,6 +15,7 @@ TINY = {
     "ibc": dict(total_steps=20),
     "iql_central": dict(total_steps=20),
     "maiql": dict(total_steps=20),
+    "maiql_ft": dict(total_steps=20),
     "moma_ppo": dict(total_steps=2, wm_max_steps=50, wm_eval_every=25, rollout_batch=20, minibatch_size=100),
 }
 RESULT_FIELDS = {"task", "obs", "dataset", "algo", "seed", "normalized_score", "return", "wall_seconds"}
