@@ -1,6 +1,10 @@
 """Run a grid of the paper's experiments and write its results table.
 
     python benchmark/run.py --table 3 --seeds 10     # Table 3: the Iterated Coordination Game
+    python benchmark/run.py --table 4a --seeds 3 --total-steps 100000 --algos ibc maiql
+                                                     # Table 4a: two-agent Reacher (a budget and subset)
+    python benchmark/run.py --table 4b --seeds 3 --datasets medium --obs po
+                                                     # Table 4b: four-agent Ant, one row
 
 Each run is one call of a script's main() inside a worker process (one worker per core,
 one torch thread each), so the scripts' import time is paid once per worker. Every
@@ -30,18 +34,61 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmark" / "results"
 COLUMNS = ["algo", "task", "obs", "dataset", "seed", "normalized_score", "return", "wall_seconds", "device", "total_steps"]
 
-# table -> (task, algorithms (script, column title), datasets (name, row title), paper's numbers)
+# table -> task, algorithms (script, column title), rows ((obs, dataset), row title), the paper's
+# numbers per (algo, obs, dataset), the CSV the runs go to, and the algorithms that only run with
+# full observability (centralized execution).
+ALGOS_4A = [("iql_central", "IQL"), ("maiql", "MAIQL"), ("matd3bc", "MATD3+BC"), ("ibc", "IBC"), ("itd3bc", "ITD3+BC"),
+            ("icql", "ICQL"), ("iomar", "IOMAR"), ("moma_ppo", "MOMA-PPO")]  # fmt: skip
+ALGOS_4B = [("iql_central", "IQL"), ("maiql", "MAIQL"), ("maiql_ft", "MAIQL-ft"), ("ibc", "IBC"), ("itd3bc", "ITD3+BC"),
+            ("icql", "ICQL"), ("iomar", "IOMAR"), ("moma_ppo", "MOMA-PPO")]  # fmt: skip
+
+
+def paper_cells(rows: list[tuple[str, str]], algos: list[tuple[str, str]], text: str) -> dict:
+    """The paper's numbers as a whitespace table: one line per row, one cell per algorithm ('' = none)."""
+    cells = {}
+    for (obs, dataset), line in zip(rows, text.strip().splitlines()):
+        for (algo, _), cell in zip(algos, line.split("|")):
+            if cell.strip():
+                cells[algo, obs, dataset] = cell.strip()
+    return cells
+
+
+ROWS_4A = [("all-observant", "expert-mix"), ("independent", "expert-mix"), ("leader-only", "expert-mix")]
+ROWS_4B = [(obs, d) for obs in ("fo", "po") for d in ("random", "medium", "full-replay", "expert")]
 TABLES = {
     "3": dict(
-        task="coordination",
+        task="coordination", csv="table3.csv", fo_only=(),
         algos=[("iql_central", "IQL (centralized)"), ("maiql", "MAIQL"), ("ibc", "IBC"), ("moma_ppo", "MOMA-PPO")],
-        datasets=[("favorable", "fav."), ("neutral", "neutral"), ("unfavorable", "unfav.")],
+        rows=[(("fo", "favorable"), "fav."), (("fo", "neutral"), "neutral"), (("fo", "unfavorable"), "unfav.")],
         paper={  # paper Table 3: mean ± standard error over 10 seeds
-            ("iql_central", "favorable"): "1.0 ± 0.0", ("iql_central", "neutral"): "1.0 ± 0.0", ("iql_central", "unfavorable"): "1.0 ± 0.0",
-            ("maiql", "favorable"): "1.0 ± 0.0", ("maiql", "neutral"): "0.9 ± 0.1", ("maiql", "unfavorable"): "0.0 ± 0.0",
-            ("ibc", "favorable"): "1.0 ± 0.0", ("ibc", "neutral"): "0.55 ± 0.11", ("ibc", "unfavorable"): "0.0 ± 0.0",
-            ("moma_ppo", "favorable"): "1.0 ± 0.0", ("moma_ppo", "neutral"): "1.0 ± 0.0", ("moma_ppo", "unfavorable"): "1.0 ± 0.0",
+            ("iql_central", "fo", "favorable"): "1.0 ± 0.0", ("iql_central", "fo", "neutral"): "1.0 ± 0.0", ("iql_central", "fo", "unfavorable"): "1.0 ± 0.0",
+            ("maiql", "fo", "favorable"): "1.0 ± 0.0", ("maiql", "fo", "neutral"): "0.9 ± 0.1", ("maiql", "fo", "unfavorable"): "0.0 ± 0.0",
+            ("ibc", "fo", "favorable"): "1.0 ± 0.0", ("ibc", "fo", "neutral"): "0.55 ± 0.11", ("ibc", "fo", "unfavorable"): "0.0 ± 0.0",
+            ("moma_ppo", "fo", "favorable"): "1.0 ± 0.0", ("moma_ppo", "fo", "neutral"): "1.0 ± 0.0", ("moma_ppo", "fo", "unfavorable"): "1.0 ± 0.0",
         },  # fmt: skip
+    ),
+    "4a": dict(
+        task="reacher", csv="table4.csv", fo_only=("iql_central",), algos=ALGOS_4A,
+        rows=[(row, f"{'FO' if row[0] == 'all-observant' else 'PO'} {row[0]}") for row in ROWS_4A],
+        paper=paper_cells(ROWS_4A, ALGOS_4A, """
+            1.07 ± 0.01 | 0.96 ± 0.05 | 1.04 ± 0.01 | 1.02 ± 0.01 | 0.78 ± 0.00 | 0.48 ± 0.06 | 0.73 ± 0.01 | 1.07 ± 0.01
+                        | 0.92 ± 0.04 | 0.59 ± 0.03 | 0.76 ± 0.04 | 0.30 ± 0.11 | 0.46 ± 0.04 | 0.45 ± 0.02 | 0.95 ± 0.06
+                        | 0.80 ± 0.05 | 0.73 ± 0.02 | 0.84 ± 0.02 | 0.48 ± 0.04 | 0.31 ± 0.05 | 0.39 ± 0.02 | 1.00 ± 0.01
+        """),  # paper Table 4a: mean ± standard error over 3 seeds
+    ),
+    "4b": dict(
+        task="ant", csv="table4.csv", fo_only=("iql_central",), algos=ALGOS_4B,
+        rows=[(row, f"{row[0].upper()} ant-{row[1]}") for row in ROWS_4B],
+        paper=paper_cells(ROWS_4B, ALGOS_4B, """
+            0.12 ± 0.00 | 0.28 ± 0.01 | 0.28 ± 0.03 | 0.31 ± 0.00 | 0.22 ± 0.02 | 0.08 ± 0.00 | 0.08 ± 0.00 | 0.52 ± 0.07
+            0.97 ± 0.02 | 0.85 ± 0.02 | 0.81 ± 0.02 | 0.84 ± 0.01 | 1.04 ± 0.00 | 0.88 ± 0.12 | 1.10 ± 0.03 | 1.29 ± 0.06
+            1.22 ± 0.02 | 0.77 ± 0.21 | 0.95 ± 0.13 | 1.20 ± 0.01 | 1.33 ± 0.01 | 1.21 ± 0.02 | 1.30 ± 0.00 | 1.42 ± 0.07
+            1.26 ± 0.01 | 1.24 ± 0.00 | 1.06 ± 0.07 | 1.24 ± 0.00 | 1.25 ± 0.02 | 0.73 ± 0.15 | 1.16 ± 0.01 | 1.49 ± 0.01
+                        | 0.31 ± 0.00 | 0.34 ± 0.04 | 0.31 ± 0.00 | 0.31 ± 0.00 | 0.17 ± 0.02 | 0.21 ± 0.02 | 0.42 ± 0.05
+                        | 0.14 ± 0.02 | 0.11 ± 0.01 | 0.17 ± 0.01 | 0.22 ± 0.05 | 0.09 ± 0.02 | 0.06 ± 0.01 | 0.54 ± 0.19
+                        | 0.18 ± 0.02 | -0.07 ± 0.10 | 0.21 ± 0.02 | 0.20 ± 0.01 | 0.09 ± 0.01 | 0.11 ± 0.02 | 0.46 ± 0.10
+                        | -0.16 ± 0.01 | -0.23 ± 0.02 | 0.05 ± 0.04 | 0.16 ± 0.00 | 0.11 ± 0.03 | 0.10 ± 0.01 | 0.18 ± 0.00
+        """),  # paper Table 4b: mean ± standard error over 3 seeds
     ),
 }
 
@@ -60,19 +107,26 @@ PAPER_REFERENCES = {"reacher": (-11.145, -4.237), "ant": (-325.6, 3879.7)}  # (r
 @dataclass
 class Args:
     table: str = "3"
-    """which table of the paper to make: 2 (dataset statistics) or 3 (coordination game)"""
+    """which table of the paper to make: 2 (dataset statistics), 3 (coordination game), 4a (reacher), 4b (ant)"""
     seeds: int = 10
     """seeds 0..seeds-1 for every cell"""
     workers: int = 2
     """runs in parallel (one torch thread each); this machine has 2 cores"""
     algos: tuple[str, ...] = ()
     """run only these algorithms (script names, e.g. moma_ppo); default: all of the table's"""
+    obs: tuple[str, ...] = ()
+    """run only these observation settings (e.g. po); default: all of the table's"""
+    total_steps: int | None = None
+    """training budget of every run (default: each script's own, the paper's); runs of another budget are kept
+    apart: the table shows, per cell, the runs of its largest budget"""
+    eval_every: int | None = None
+    """evaluate every this many steps during training (default: each script's own; 0: only at the end)"""
     overwrite: bool = False
     """discard the existing results of the runs asked for instead of resuming"""
     tables_only: bool = False
     """only rebuild the markdown table and README from the existing CSV"""
     datasets: tuple[str, ...] = ()
-    """table 2 only: remeasure just these rows ("task/dataset", e.g. ant/medium), keeping the others"""
+    """run only these datasets (table 2: "task/dataset", e.g. ant/medium, remeasured while the other rows are kept)"""
 
 
 _modules: dict = {}
@@ -101,28 +155,39 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def cell_runs(rows: list[dict], algo: str, obs: str, dataset: str) -> list[dict]:
+    """The runs of one cell with the largest budget among them."""
+    runs = [r for r in rows if (r["algo"], r.get("obs") or "fo", r["dataset"]) == (algo, obs, dataset)]
+    budget = max((int(r["total_steps"]) for r in runs), default=0)
+    return [r for r in runs if int(r["total_steps"]) == budget]
+
+
 def summary_table(table: str, rows: list[dict]) -> str:
     spec = TABLES[table]
-    header = "| dataset | " + " | ".join(title for _, title in spec["algos"]) + " |"
+    header = "| | " + " | ".join(title for _, title in spec["algos"]) + " |"
     lines = [header, "|" + "---|" * (len(spec["algos"]) + 1)]
-    for dataset, row_title in spec["datasets"]:
+    runs = {(algo, *row): cell_runs(rows, algo, *row) for row, _ in spec["rows"] for algo, _ in spec["algos"]}
+    shown = [r for cell in runs.values() for r in cell]
+    seeds = sorted({int(r["seed"]) for r in shown})
+    for row, row_title in spec["rows"]:
         cells = []
         for algo, _ in spec["algos"]:
-            scores = np.array([float(r["normalized_score"]) for r in rows if r["algo"] == algo and r["dataset"] == dataset])
+            scores = np.array([float(r["normalized_score"]) for r in runs[(algo, *row)]])
             if len(scores) == 0:
                 ours = "–"
             else:
                 sem = scores.std(ddof=1) / np.sqrt(len(scores)) if len(scores) > 1 else float("nan")
-                ours = f"**{scores.mean():.2f} ± {sem:.2f}**"
-            cells.append(f"{ours} ({spec['paper'][(algo, dataset)]})")
+                ours = f"**{scores.mean():.2f} ± {sem:.2f}**" + (f" ({len(scores)} seeds)" if len(scores) != len(seeds) else "")
+            paper = spec["paper"].get((algo, *row))
+            cells.append(f"{ours} ({paper})" if paper else ours)
         lines.append(f"| {row_title} | " + " | ".join(cells) + " |")
-    seeds = sorted({int(r["seed"]) for r in rows})
-    seconds = sum(float(r["wall_seconds"]) for r in rows)
+    seconds = sum(float(r["wall_seconds"]) for r in shown)
+    budgets = ", ".join(sorted({f"{r['algo']} {int(r['total_steps']):,}" for r in shown}))
     lines.append("")
     lines.append(
         f"Ours in bold: mean ± standard error over seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} seeds) of the normalized "
-        f"score, greedy policies, 100 evaluation episodes; the paper's in brackets. {len(rows)} runs, "
-        f"{seconds / 60:.1f} CPU-minutes in all (`python benchmark/run.py --table {table} --seeds {len(seeds)}`)."
+        f"score, greedy policies, 100 evaluation episodes; the paper's in brackets. {len(shown)} runs, "
+        f"{seconds / 60:.1f} CPU-minutes in all (`python benchmark/run.py --table {table} --seeds {len(seeds)}`). Training steps: {budgets}."
         if seeds
         else "No results yet."
     )
@@ -214,23 +279,36 @@ def main(args: Args) -> None:
         sys.exit(f"error: unknown table '{args.table}'; choose one of: {', '.join(TABLES)}")
     spec = TABLES[args.table]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    csv_path = RESULTS / f"table{args.table}.csv"
-    algos = [(a, title) for a, title in spec["algos"] if not args.algos or a in args.algos]
-    rows = read_rows(csv_path)
-    if args.overwrite:  # drop the rows of the algorithms asked for, keep the others
-        rows = [r for r in rows if r["algo"] not in dict(algos)]
+    csv_path = RESULTS / spec["csv"]
+    algos = [algo for algo, _ in spec["algos"] if not args.algos or algo in args.algos]
+    cells = [
+        (algo, obs, dataset)
+        for (obs, dataset), _ in spec["rows"]
+        for algo in algos
+        if (not args.obs or obs in args.obs) and (not args.datasets or dataset in args.datasets)
+        and (obs in ("fo", "all-observant") or algo not in spec["fo_only"])
+    ]  # fmt: skip
+    all_rows = read_rows(csv_path)  # table4.csv holds both 4a's and 4b's runs
+    if args.overwrite:  # drop the runs of the cells asked for, keep the others
+        all_rows = [r for r in all_rows if (r["algo"], r["obs"], r["dataset"]) not in cells or r["task"] != spec["task"]]
         with csv_path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(all_rows)
+    rows = [r for r in all_rows if r["task"] == spec["task"]]
     if not args.tables_only:
-        done = {(r["algo"], r["dataset"], r["seed"]) for r in rows}
+        done = {
+            (r["algo"], r["obs"], r["dataset"], int(r["seed"]))
+            for r in rows
+            if args.total_steps is None or int(r["total_steps"]) == args.total_steps
+        }
+        budget = [] if args.total_steps is None else ["--total-steps", str(args.total_steps)]
+        budget += [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
         jobs = [
-            (algo, ["--task", spec["task"], "--dataset", dataset, "--seed", str(seed)])
+            (algo, ["--task", spec["task"], "--obs", obs, "--dataset", dataset, "--seed", str(seed), *budget])
             for seed in range(args.seeds)
-            for dataset, _ in spec["datasets"]
-            for algo, _ in algos
-            if (algo, dataset, str(seed)) not in done
+            for algo, obs, dataset in cells
+            if (algo, obs, dataset, seed) not in done
         ]
         if len(done):
             print(f"resuming: {len(done)} runs already in {csv_path.relative_to(ROOT)} (--overwrite to redo them)")
@@ -245,7 +323,7 @@ def main(args: Args) -> None:
                 f.flush()
                 rows.append({k: str(v) for k, v in result.items()})
                 print(
-                    f"[{i}/{len(jobs)}] {result['algo']:<12} {result['dataset']:<12} seed {result['seed']}: "
+                    f"[{i}/{len(jobs)}] {result['algo']:<12} {result['obs']:<14} {result['dataset']:<12} seed {result['seed']}: "
                     f"{result['normalized_score']:.3f} ({result['wall_seconds']:.1f}s, {time.time() - start:.0f}s elapsed)",
                     flush=True,
                 )
