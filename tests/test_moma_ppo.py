@@ -186,8 +186,11 @@ def test_world_model_is_cached_and_reused_with_the_same_result(tmp_path, capsys)
     weights = [torch.load(run / "model.pt", weights_only=False)["policies"] for run in runs]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     # an explicit --world-model of the wrong task is one clear error
+    from data import mujoco_datasets
+
+    np.savez(tmp_path / "reacher.npz", **mujoco_datasets.build("reacher", "expert-mix", size=100))
     with pytest.raises(envs.UserInputError, match="maps 1-dim states"):
-        moma_ppo.main(moma_ppo.Args(**{**args, "task": "reacher", "dataset": "expert-mix", "world_model": str(cached)}))
+        moma_ppo.main(moma_ppo.Args(**{**args, "task": "reacher", "dataset": str(tmp_path / "reacher.npz"), "world_model": str(cached)}))
 
 
 TINY_COORDINATION = dict(dataset="unfavorable", wm_max_steps=50, wm_eval_every=25, rollout_batch=20, minibatch_size=100,
