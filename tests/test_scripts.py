@@ -146,3 +146,34 @@ def test_moma_ppo_smoke_run_on_reacher(obs, small_reacher_dataset, tmp_path):
     (run_dir,) = tmp_path.glob("*__*")  # run folders, not the world-model cache
     checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
     assert checkpoint["entropy_alpha"].shape == (2, 1)  # per agent and action dimension
+
+
+@pytest.fixture(scope="module")
+def small_ant_dataset(tmp_path_factory):
+    """400 transitions of ant random (the step-0 snapshot), as a file."""
+    from data import mujoco_datasets
+
+    path = tmp_path_factory.mktemp("ant") / "random-small.npz"
+    np.savez(path, **mujoco_datasets.build("ant", "random", size=400))
+    return str(path)
+
+
+ANT_TINY = {
+    "ibc": dict(total_steps=10), "maiql": dict(total_steps=10), "matd3bc": dict(total_steps=10),
+    "itd3bc": dict(total_steps=10), "icql": dict(total_steps=10), "iomar": dict(total_steps=10),
+    "moma_ppo": dict(total_steps=1, wm_max_steps=20, wm_eval_every=10, wm_hidden=16, wm_layers=1, rollout_batch=20,
+                     minibatch_size=100),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("obs", ["fo", "po"])
+@pytest.mark.parametrize("script", list(ANT_TINY))
+def test_smoke_run_on_ant(script, obs, small_ant_dataset, tmp_path):
+    """Every script on both ant observation settings (MAIQL-ft: tests/test_maiql_ft.py; IQL: centralized, fo only)."""
+    module = importlib.import_module(f"algos.{script}")
+    args = module.Args(task="ant", obs=obs, dataset=small_ant_dataset, eval_episodes=1, hidden=16, memory_dim=8,
+                       runs_dir=str(tmp_path), **ANT_TINY[script])  # fmt: skip
+    result = module.main(args)
+    assert result["task"] == "ant" and result["obs"] == obs and np.isfinite(result["normalized_score"])
+    (run_dir,) = tmp_path.glob("*__*")  # run folders, not the world-model cache
+    assert torch.load(run_dir / "model.pt", weights_only=False)["args"]["memory"] == (10 if obs == "po" else 0)
