@@ -382,14 +382,14 @@ class SimulatorRollouts:
     def _restart(self, ended, next_states, history, mask) -> None:
         """Rollouts that ended start again from fresh dataset rows; the others go on."""
         fresh = torch.randint(self.buffer.T, (self.b,), device=ended.device)
-        keep = lambda fresh_value, value: fresh_value if value is None else torch.where(  # noqa: E731
-            ended.view(-1, *[1] * (value.dim() - 1)), fresh_value, value
-        )
-        self.states = keep(self.buffer.raw_states[fresh], next_states)  # raw global states [b, S]
-        if self.buffer.memory:
-            self.history, self.mask = keep(self.buffer.history[fresh], history), keep(self.buffer.history_mask[fresh], mask)
-        else:
-            self.history = self.mask = None
+
+        def pick(fresh_value: torch.Tensor, value: torch.Tensor | None) -> torch.Tensor:
+            """Per rollout [b, ...]: the fresh value where it ended (or at the first start), else its own."""
+            return fresh_value if value is None else torch.where(ended.view(-1, *[1] * (value.dim() - 1)), fresh_value, value)
+
+        self.states = pick(self.buffer.raw_states[fresh], next_states)  # raw global states [b, S]
+        self.history = pick(self.buffer.history[fresh], history) if self.buffer.memory else None  # [b, K]
+        self.mask = pick(self.buffer.history_mask[fresh], mask) if self.buffer.memory else None
         self.steps = torch.where(ended, 0, self.steps)
 
     @torch.no_grad()

@@ -116,18 +116,11 @@ def test_iql_central_smoke_run_on_reacher(small_reacher_dataset, tmp_path):
     assert checkpoint["policy"]["head.log_std"].shape == (2,)  # one per dimension of the joint action
 
 
-def test_iql_central_smoke_run_on_ant(tmp_path, monkeypatch):
-    """400 transitions of ant random: the step-0 snapshot is committed, unlike the expert's, which the
-    behaviour run still rewrites. Placeholder reference returns until data/references.json has ant's."""
-    import data
+def test_iql_central_smoke_run_on_ant(small_ant_dataset, tmp_path):
     from algos import iql_central
-    from data import mujoco_datasets
 
-    path = tmp_path / "random-small.npz"
-    np.savez(path, **mujoco_datasets.build("ant", "random", size=400))
-    monkeypatch.setitem(data.REFERENCE_RETURNS, "ant", data.REFERENCE_RETURNS.get("ant", (0.0, 1.0)))
     args = iql_central.Args(
-        task="ant", dataset=str(path), eval_episodes=1, runs_dir=str(tmp_path / "runs"), **TINY["iql_central"]
+        task="ant", dataset=small_ant_dataset, eval_episodes=1, runs_dir=str(tmp_path / "runs"), **TINY["iql_central"]
     )  # fmt: skip
     result = iql_central.main(args)
     assert result["obs"] == "fo" and np.isfinite(result["normalized_score"])
