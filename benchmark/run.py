@@ -176,8 +176,11 @@ def summary_table(table: str, rows: list[dict]) -> str:
             if len(scores) == 0:
                 ours = "–"
             else:
-                sem = scores.std(ddof=1) / np.sqrt(len(scores)) if len(scores) > 1 else float("nan")
-                ours = f"**{scores.mean():.2f} ± {sem:.2f}**" + (f" ({len(scores)} seeds)" if len(scores) != len(seeds) else "")
+                if len(scores) == 1:
+                    ours = f"**{scores[0]:.2f}** (1 seed)"
+                else:
+                    sem = scores.std(ddof=1) / np.sqrt(len(scores))
+                    ours = f"**{scores.mean():.2f} ± {sem:.2f}**" + (f" ({len(scores)} seeds)" if len(scores) != len(seeds) else "")
             paper = spec["paper"].get((algo, *row))
             cells.append(f"{ours} ({paper})" if paper else ours)
         lines.append(f"| {row_title} | " + " | ".join(cells) + " |")
