@@ -1,5 +1,7 @@
 """Behaviour-policy training and MuJoCo dataset collection, on tiny budgets."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -68,7 +70,10 @@ def test_collect_writes_a_valid_dataset(monkeypatch, tmp_path):
     np.testing.assert_array_equal(raw["next_observations"][:-1][continuing], raw["observations"][1:][continuing])
     ds = data.to_multi_agent(raw, envs.make("ant", "po"))
     assert ds.actions.shape == (600, 4, 2) and ds.observations.shape == (600, 4, 15)
-    # medium: the snapshot closest to a third of the last one's return (1000 / 3 -> 300)
+    # medium: the snapshot whose training return is nearest 80% normalized (300 of 0 -> 375)
+    references = tmp_path / "references.json"
+    references.write_text(json.dumps({"ant": {"random": 0.0, "expert": 375.0}}))
+    monkeypatch.setattr(mujoco, "REFERENCES", references)
     chosen = []
     monkeypatch.setattr(mujoco, "collect", lambda task, policies, steps, seed, **kw: chosen.append((policies, steps)) or {})
     monkeypatch.setattr(mujoco, "load_policy", lambda p: p.name)

@@ -169,7 +169,7 @@ def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path):
     assert checkpoint["policies"]["memory.soft_query"].shape == (2, 8, 1)
     assert checkpoint["value"]["agent_values.0.weight"].shape == (2, 5 + 8, 16)  # observation + memory summary
     lrs = sorted(group["lr"] for group in checkpoint["optimizer"]["param_groups"])
-    assert lrs == [5e-5, args.memory_learning_rate]
+    assert lrs == sorted([moma_ppo.TASK_DEFAULTS["reacher"]["learning_rate"], args.memory_learning_rate])
 
 
 def test_world_model_is_cached_and_reused_with_the_same_result(tmp_path, capsys):
