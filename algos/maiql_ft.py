@@ -422,8 +422,8 @@ def main(args: Args) -> dict:
         raise envs.UserInputError("--memory needs continuous actions (the coordination game is fully observed): use --memory 0")
     if not 0 <= args.finetune_fraction <= 1:
         raise envs.UserInputError(f"--finetune-fraction {args.finetune_fraction} is not in [0, 1]")
-    if args.online_transitions is None:
-        args.online_transitions = len(dataset)
+    if args.online_transitions is None:  # no fine-tuning, no online rows to make room for
+        args.online_transitions = len(dataset) if args.finetune_fraction > 0 else 0
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__maiql_ft__{args.seed}__{int(start_time)}"
     run_dir = Path(args.runs_dir) / run_name
     writer = SummaryWriter(str(run_dir))

@@ -24,8 +24,11 @@
 # - Under partial observability each agent's policy and value read a memory summary of its
 #   last 10 (observation, action) pairs (appendix A); rollout histories start with the
 #   dataset's history of the start state and grow with the generated steps.
-# - Continuous actions (Gaussian policies, action-bound penalty, per-dimension entropy
-#   temperatures) run, but the MuJoCo settings are not validated yet (issue #4).
+# - Continuous actions: Gaussian policies, action-bound penalty, per-dimension entropy
+#   temperatures. On reacher MAPPO learns at 3e-4 for 1,500 learning steps (the paper: 5e-5 for
+#   1e5), which takes minutes instead of hours on a CPU; ant keeps the paper's settings (untuned).
+# - The agents' networks run under bfloat16 autocast on MuJoCo tasks (--bf16), their outputs
+#   cast back to float32 before distributions, values and losses.
 #
 # Ablations: --ground-truth-model (MOMA-PPO-gt, Table 5: rollouts step the real simulator from
 # the same dataset states), --penalty aleatoric (section 6.3), --lambda-r, --lambda-g, --l-eps

@@ -52,7 +52,7 @@ def main(args: Args) -> None:
         torch.set_num_threads(args.threads)
     run_args = moma_ppo.Args(
         task=args.task, obs=args.obs, dataset=args.dataset, total_steps=args.loop_steps, eval_every=0, eval_episodes=1,
-        cuda=args.cuda, runs_dir=args.runs_dir, save_every=10**9,
+        cuda=args.cuda, runs_dir=args.runs_dir, save_every=10**9,  # no checkpoint inside the timed loop
     )  # fmt: skip
     if args.retrain:  # a fresh cache folder for this measurement, so the shared cached model is not replaced
         run_args.runs_dir = str(Path(args.runs_dir) / f"speed-{int(time.time())}")
