@@ -11,6 +11,8 @@
 #
 # Differences from the paper: the agents' networks are one batched network ([agents, in, out]
 # weights).
+# On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32):
+# 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls.
 import json
 import math
 import random
@@ -66,15 +68,19 @@ class Args:
     """width e_h of the memory module's embedding and of its summary"""
     memory_learning_rate: float = 1e-4
     """Adam learning rate of the memory module (the paper's, for every algorithm)"""
+    bf16: bool | None = None
+    """run the training steps' matmuls under bfloat16 autocast: about 2.7x faster on CPUs with AMX (and on
+    recent GPUs); the layers return float32, so losses, targets and evaluation stay float32 (default: per
+    task: on for MuJoCo, off for the coordination game)"""
 
 
 # Defaults that depend on the task, used for every field left at None.
 TASK_DEFAULTS = {
     # coordination: 64 units as in every script on this task (two actions, a 1-d observation)
-    "coordination": dict(dataset="unfavorable", total_steps=1000, eval_every=0, hidden=64),
+    "coordination": dict(dataset="unfavorable", total_steps=1000, eval_every=0, hidden=64, bf16=False),
     # MuJoCo: the paper's 1e6 steps and 2x256 networks
-    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256),
-    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256),
+    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256, bf16=True),
+    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256, bf16=True),
 }
 
 
@@ -88,7 +94,7 @@ class BatchedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias, x, self.weight).float()  # float32 outside the matmul under --bf16
 
 
 class Memory(nn.Module):
@@ -209,13 +215,17 @@ def main(args: Args) -> dict:
         return float(returns.mean()), data.normalized_score(args.task, returns)
 
     print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
+    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
+    # runs without autocast)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     for step in range(1, args.total_steps + 1):
-        idx = torch.randint(len(dataset), (args.batch_size,), device=device)
-        loss = policy.loss(actions[:, idx], *inputs(idx))
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
+        with bf16:
+            idx = torch.randint(len(dataset), (args.batch_size,), device=device)
+            loss = policy.loss(actions[:, idx], *inputs(idx))
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            optimizer.step()
 
         if step % 100 == 0:
             writer.add_scalar("losses/bc_loss", loss.item(), step)

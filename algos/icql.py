@@ -30,6 +30,8 @@
 # paper's value; OMAR: 0.5); all agents learn from the same minibatch, and the gradient clip is
 # applied to all agents' networks together (one batched network with [agents, in, out] weights);
 # the memory module is trained by the critic loss only, at Appendix A's 1e-4.
+# On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32):
+# 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls.
 import copy
 import json
 import math
@@ -108,13 +110,17 @@ class Args:
     """temperature of the CQL logsumexp"""
     action_penalty: float = 1e-3
     """weight of the mean squared action in the actor loss (OMAR's code)"""
+    bf16: bool | None = None
+    """run the training steps' matmuls under bfloat16 autocast: about 2.7x faster on CPUs with AMX (and on
+    recent GPUs); the layers return float32, so losses, targets and evaluation stay float32 (default: per
+    task: on for MuJoCo, off for the coordination game)"""
 
 
 # Defaults that depend on the task, used for every field left at None.
 TASK_DEFAULTS = {
     # MuJoCo: the paper's 1e6 steps and 2x256 networks
-    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256),
-    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256),
+    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256, bf16=True),
+    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256, bf16=True),
 }
 
 
@@ -128,7 +134,7 @@ class BatchedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias, x, self.weight).float()  # float32 outside the matmul under --bf16
 
 
 class Memory(nn.Module):
@@ -313,45 +319,49 @@ def main(args: Args) -> dict:
 
     print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
     actor_loss = torch.tensor(float("nan"))  # logged before the first actor step
+    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
+    # runs without autocast)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     for step in range(1, args.total_steps + 1):
-        idx = torch.randint(len(dataset), (args.batch_size,), device=device)
-        with torch.no_grad():
-            # TD3 target: the target actor's next action with clipped noise, the smaller target critic
-            next_features = policy_target.features(*inputs(idx, next_step=True))
-            clip = args.target_noise_clip
-            noise = (torch.randn_like(actions[:, idx]) * args.target_noise).clamp(-clip, clip)
-            next_actions = (policy_target(next_features) + noise).clamp(-1, 1)
-            next_q = critics_target(next_features, next_actions.unsqueeze(2)).min(0).values.squeeze(-1)  # [N, B]
-            backup = rewards[idx] + args.gamma * not_done[idx] * next_q
-
-        # critics (and memory): TD loss of each critic plus the CQL regulariser
-        features = policy.features(*inputs(idx))
-        with torch.no_grad():
-            policy_now = policy(features)
-            policy_next = policy(policy.features(*inputs(idx, next_step=True)))
-        q_data = critics(features, actions[:, idx].unsqueeze(2)).squeeze(-1)  # [2, N, B]
-        td_loss = (q_data - backup).square().mean(-1).sum()  # summed over critics and agents: independent losses
-        cql_loss = cql_regulariser(critics, features, q_data, policy_now, policy_next, args).mean(-1).sum()
-        critic_loss = td_loss + args.cql_alpha * cql_loss
-        critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        nn.utils.clip_grad_norm_(critic_params, args.max_grad_norm)
-        critic_optimizer.step()
-
-        if step % args.policy_delay == 0:
-            # actors: maximise Q_i1 of their own action; the memory summary is read, not trained
-            features = features.detach()
-            policy_actions = policy(features)
-            q_policy = critics(features, policy_actions.unsqueeze(2), twin=False).squeeze(-1)  # [N, B]
-            actor_loss = (-q_policy.mean(-1) + args.action_penalty * policy_actions.square().mean((1, 2))).sum()
-            actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward()
-            nn.utils.clip_grad_norm_(policy.net.parameters(), args.max_grad_norm)
-            actor_optimizer.step()
+        with bf16:
+            idx = torch.randint(len(dataset), (args.batch_size,), device=device)
             with torch.no_grad():
-                for net, target in ((policy, policy_target), (critics, critics_target)):
-                    for p, p_target in zip(net.parameters(), target.parameters()):
-                        p_target.lerp_(p, args.tau)
+                # TD3 target: the target actor's next action with clipped noise, the smaller target critic
+                next_features = policy_target.features(*inputs(idx, next_step=True))
+                clip = args.target_noise_clip
+                noise = (torch.randn_like(actions[:, idx]) * args.target_noise).clamp(-clip, clip)
+                next_actions = (policy_target(next_features) + noise).clamp(-1, 1)
+                next_q = critics_target(next_features, next_actions.unsqueeze(2)).min(0).values.squeeze(-1)  # [N, B]
+                backup = rewards[idx] + args.gamma * not_done[idx] * next_q
+
+            # critics (and memory): TD loss of each critic plus the CQL regulariser
+            features = policy.features(*inputs(idx))
+            with torch.no_grad():
+                policy_now = policy(features)
+                policy_next = policy(policy.features(*inputs(idx, next_step=True)))
+            q_data = critics(features, actions[:, idx].unsqueeze(2)).squeeze(-1)  # [2, N, B]
+            td_loss = (q_data - backup).square().mean(-1).sum()  # summed over critics and agents: independent losses
+            cql_loss = cql_regulariser(critics, features, q_data, policy_now, policy_next, args).mean(-1).sum()
+            critic_loss = td_loss + args.cql_alpha * cql_loss
+            critic_optimizer.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            nn.utils.clip_grad_norm_(critic_params, args.max_grad_norm)
+            critic_optimizer.step()
+
+            if step % args.policy_delay == 0:
+                # actors: maximise Q_i1 of their own action; the memory summary is read, not trained
+                features = features.detach()
+                policy_actions = policy(features)
+                q_policy = critics(features, policy_actions.unsqueeze(2), twin=False).squeeze(-1)  # [N, B]
+                actor_loss = (-q_policy.mean(-1) + args.action_penalty * policy_actions.square().mean((1, 2))).sum()
+                actor_optimizer.zero_grad(set_to_none=True)
+                actor_loss.backward()
+                nn.utils.clip_grad_norm_(policy.net.parameters(), args.max_grad_norm)
+                actor_optimizer.step()
+                with torch.no_grad():
+                    for net, target in ((policy, policy_target), (critics, critics_target)):
+                        for p, p_target in zip(net.parameters(), target.parameters()):
+                            p_target.lerp_(p, args.tau)
 
         if step % 100 == 0:
             writer.add_scalar("losses/critic_loss", critic_loss.item(), step)

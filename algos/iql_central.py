@@ -24,6 +24,8 @@
 # the Q target use V before this step's V update (the official code updates V first), so that
 # the three losses come from one batch and are minimised with one backward pass (their
 # parameters are disjoint).
+# On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32):
+# 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls.
 import json
 import math
 import random
@@ -84,16 +86,20 @@ class Args:
     """upper clip of the AWR weights exp(beta * advantage)"""
     max_grad_norm: float = 1.0
     """gradient norm clip, applied to each network (Q, V, policy) separately"""
+    bf16: bool | None = None
+    """run the training steps' matmuls under bfloat16 autocast: about 2.7x faster on CPUs with AMX (and on
+    recent GPUs); the layers return float32, so losses, targets and evaluation stay float32 (default: per
+    task: on for MuJoCo, off for the coordination game)"""
 
 
 # Defaults that depend on the task, used for every field left at None.
 TASK_DEFAULTS = {
     # coordination: every seed and dataset has converged to 1.0 by step 200; 600 leaves margin.
     # 64 units as in every script on this task (two actions, a 1-d state).
-    "coordination": dict(dataset="unfavorable", total_steps=600, eval_every=0, hidden=64),
+    "coordination": dict(dataset="unfavorable", total_steps=600, eval_every=0, hidden=64, bf16=False),
     # MuJoCo: the paper's 1e6 steps and 2x256 networks
-    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256),
-    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256),
+    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256, bf16=True),
+    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256, bf16=True),
 }
 MAX_JOINT_ACTIONS = 4096  # categorical actions: the Q network has one output per joint action
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # continuous actions: the Gaussian's log std range, as in the official IQL
@@ -109,7 +115,7 @@ class BatchedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias, x, self.weight).float()  # float32 outside the matmul under --bf16
 
 
 def mlp(fan_in: int, hidden: int, fan_out: int) -> nn.Sequential:
@@ -184,7 +190,7 @@ class Policy(nn.Module):
 
     def log_prob(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Log-likelihood [B] of the actions taken in the normalised states [B, S]."""
-        return self.head.log_prob(self.net(states), actions)
+        return self.head.log_prob(self.net(states).float(), actions)  # float32 under --bf16
 
     @torch.no_grad()
     def act(self, state: np.ndarray) -> np.ndarray:
@@ -259,34 +265,38 @@ def main(args: Args) -> dict:
 
     actions_text = f"{n_joint} joint actions" if categorical else f"{joint_dim}-dim joint actions"
     print(f"{run_name}: {len(dataset)} transitions, {actions_text}, {args.total_steps} steps on {device}", flush=True)
+    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
+    # runs without autocast)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     for step in range(1, args.total_steps + 1):
-        idx = torch.randint(len(dataset), (args.batch_size,), device=device)
-        s, a = states[idx], joint_actions[idx]
-        with torch.no_grad():
-            target_q = qf_target(s, a).min(0).values  # [B], the min of the twins as in IQL
-            next_v = vf(next_states[idx]).squeeze(-1)
-            q_backup = rewards[idx] + args.gamma * not_done[idx] * next_v
+        with bf16:
+            idx = torch.randint(len(dataset), (args.batch_size,), device=device)
+            s, a = states[idx], joint_actions[idx]
+            with torch.no_grad():
+                target_q = qf_target(s, a).min(0).values  # [B], the min of the twins as in IQL
+                next_v = vf(next_states[idx]).squeeze(-1).float()
+                q_backup = rewards[idx] + args.gamma * not_done[idx] * next_v
 
-        # V: expectile regression on the target Q of the dataset's joint actions (eq. 1)
-        v = vf(s).squeeze(-1)
-        diff = target_q - v
-        v_loss = (torch.abs(args.expectile - (diff < 0).float()) * diff.square()).mean()
-        # Q: both twins regress on r + gamma V(s') (eq. 2)
-        q = qf(s, a)  # [2, B]
-        q_loss = (q - q_backup).square().mean(1).sum()
-        # policy: advantage-weighted regression on the dataset's joint actions (eq. 3)
-        weights = torch.exp(args.beta * diff.detach()).clamp(max=args.max_weight)
-        policy_loss = -(weights * policy.log_prob(s, a)).mean()
+            # V: expectile regression on the target Q of the dataset's joint actions (eq. 1)
+            v = vf(s).squeeze(-1).float()
+            diff = target_q - v
+            v_loss = (torch.abs(args.expectile - (diff < 0).float()) * diff.square()).mean()
+            # Q: both twins regress on r + gamma V(s') (eq. 2)
+            q = qf(s, a)  # [2, B]
+            q_loss = (q - q_backup).square().mean(1).sum()
+            # policy: advantage-weighted regression on the dataset's joint actions (eq. 3)
+            weights = torch.exp(args.beta * diff.detach()).clamp(max=args.max_weight)
+            policy_loss = -(weights * policy.log_prob(s, a)).mean()
 
-        for optimizer, _ in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        (v_loss + q_loss + policy_loss).backward()  # disjoint parameters: the same as three backward passes
-        for optimizer, net in optimizers.values():
-            nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm, foreach=True)
-            optimizer.step()
-        with torch.no_grad():
-            for p, p_target in zip(qf.parameters(), qf_target.parameters()):
-                p_target.lerp_(p, args.tau)
+            for optimizer, _ in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            (v_loss + q_loss + policy_loss).backward()  # disjoint parameters: the same as three backward passes
+            for optimizer, net in optimizers.values():
+                nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm, foreach=True)
+                optimizer.step()
+            with torch.no_grad():
+                for p, p_target in zip(qf.parameters(), qf_target.parameters()):
+                    p_target.lerp_(p, args.tau)
 
         if step % 100 == 0:
             writer.add_scalar("losses/q_loss", q_loss.item(), step)

@@ -20,6 +20,8 @@
 # weights, the twin critics [2 x agents, in, out]); gradient norms are clipped at 1 over all agents'
 # actors (critics) at once rather than per agent; the memory is trained by the critic loss only
 # (the paper also backprops the actor loss through it), at the paper's 1e-4.
+# On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32):
+# 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls.
 import copy
 import json
 import math
@@ -90,13 +92,17 @@ class Args:
     """the target actions' noise is clipped to [-noise_clip, noise_clip]"""
     max_grad_norm: float = 1.0
     """gradient norm clip, applied to the actors and to the critics (with the memory) separately"""
+    bf16: bool | None = None
+    """run the training steps' matmuls under bfloat16 autocast: about 2.7x faster on CPUs with AMX (and on
+    recent GPUs); the layers return float32, so losses, targets and evaluation stay float32 (default: per
+    task: on for MuJoCo, off for the coordination game)"""
 
 
 # Defaults that depend on the task, used for every field left at None.
 TASK_DEFAULTS = {
     # MuJoCo: the paper's 1e6 steps and 2x256 networks
-    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256),
-    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256),
+    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256, bf16=True),
+    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256, bf16=True),
 }
 
 
@@ -110,7 +116,7 @@ class BatchedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias, x, self.weight).float()  # float32 outside the matmul under --bf16
 
 
 def batched_mlp(members: int, fan_in: int, hidden: int, fan_out: int) -> nn.Sequential:
@@ -278,39 +284,43 @@ def main(args: Args) -> dict:
 
     print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
     actor_loss = bc_loss = torch.tensor(float("nan"))  # until the first actor update
+    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
+    # runs without autocast)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     for step in range(1, args.total_steps + 1):
-        idx = torch.randint(len(dataset), (args.batch_size,), device=device)
-        a = actions[:, idx]
-        with torch.no_grad():
-            next_features = policy_target.features(*next_inputs(idx))
-            noise = (torch.randn_like(a) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
-            next_actions = (policy_target(next_features) + noise).clamp(-1.0, 1.0)
-            target_q = td3_target(critics_target(next_features, next_actions), rewards[idx], not_done[idx], args.gamma)
-
-        # critics (and memory): both twins of every agent regress on the agent's own target
-        features = policy.features(*inputs(idx))
-        q = critics(features, a)  # [2, N, B]
-        critic_loss = (q - target_q).square().mean(-1).sum()
-        critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        nn.utils.clip_grad_norm_(critic_params, args.max_grad_norm)
-        critic_optimizer.step()
-
-        if step % args.policy_delay == 0:
-            # actors: TD3+BC against the just-updated first critic; the memory summary is read detached
-            features = features.detach()
-            policy_actions = policy(features)
-            q1 = critics(features, policy_actions)[0]  # both twins in one matmul, the first is used
-            actor_loss = td3bc_actor_loss(q1, policy_actions, a, args.alpha)
-            bc_loss = (policy_actions - a).square().mean()
-            actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward()  # also fills the critics' gradients, cleared before their next update
-            nn.utils.clip_grad_norm_(policy.net.parameters(), args.max_grad_norm)
-            actor_optimizer.step()
+        with bf16:
+            idx = torch.randint(len(dataset), (args.batch_size,), device=device)
+            a = actions[:, idx]
             with torch.no_grad():
-                for net, target in ((policy, policy_target), (critics, critics_target)):
-                    for p, p_target in zip(net.parameters(), target.parameters()):
-                        p_target.lerp_(p, args.tau)
+                next_features = policy_target.features(*next_inputs(idx))
+                noise = (torch.randn_like(a) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+                next_actions = (policy_target(next_features) + noise).clamp(-1.0, 1.0)
+                target_q = td3_target(critics_target(next_features, next_actions), rewards[idx], not_done[idx], args.gamma)
+
+            # critics (and memory): both twins of every agent regress on the agent's own target
+            features = policy.features(*inputs(idx))
+            q = critics(features, a)  # [2, N, B]
+            critic_loss = (q - target_q).square().mean(-1).sum()
+            critic_optimizer.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            nn.utils.clip_grad_norm_(critic_params, args.max_grad_norm)
+            critic_optimizer.step()
+
+            if step % args.policy_delay == 0:
+                # actors: TD3+BC against the just-updated first critic; the memory summary is read detached
+                features = features.detach()
+                policy_actions = policy(features)
+                q1 = critics(features, policy_actions)[0]  # both twins in one matmul, the first is used
+                actor_loss = td3bc_actor_loss(q1, policy_actions, a, args.alpha)
+                bc_loss = (policy_actions - a).square().mean()
+                actor_optimizer.zero_grad(set_to_none=True)
+                actor_loss.backward()  # also fills the critics' gradients, cleared before their next update
+                nn.utils.clip_grad_norm_(policy.net.parameters(), args.max_grad_norm)
+                actor_optimizer.step()
+                with torch.no_grad():
+                    for net, target in ((policy, policy_target), (critics, critics_target)):
+                        for p, p_target in zip(net.parameters(), target.parameters()):
+                            p_target.lerp_(p, args.tau)
 
         if step % 100 == 0:
             writer.add_scalar("losses/critic_loss", critic_loss.item(), step)

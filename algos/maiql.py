@@ -38,6 +38,8 @@
 # come from one batch and are minimised with one backward pass (their parameters are disjoint,
 # the memory's gradient being the sum of those of the Q and V losses).
 # The agents' networks are one batched network ([agents, in, out] weights).
+# On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32):
+# 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls.
 import copy
 import json
 import math
@@ -106,6 +108,10 @@ class Args:
     """upper clip of the AWR weights exp(beta * team advantage)"""
     max_grad_norm: float = 1.0
     """gradient norm clip, applied to each of Q (with its mixer), V (with its mixer), the policies and the memory"""
+    bf16: bool | None = None
+    """run the training steps' matmuls under bfloat16 autocast: about 2.7x faster on CPUs with AMX (and on
+    recent GPUs); the layers return float32, so losses, targets and evaluation stay float32 (default: per
+    task: on for MuJoCo, off for the coordination game)"""
 
 
 # Defaults that depend on the task, used for every field left at None.
@@ -114,10 +120,10 @@ TASK_DEFAULTS = {
     # different times, steps 300-700) before they settle; on neutral the per-round effects are
     # tiny (dataset sampling noise) and take about 2500 steps to resolve. 64 units as in every
     # script on this task (two actions, a 1-d observation); ~6 ms a step on one CPU thread.
-    "coordination": dict(dataset="unfavorable", total_steps=3000, eval_every=0, hidden=64),
+    "coordination": dict(dataset="unfavorable", total_steps=3000, eval_every=0, hidden=64, bf16=False),
     # MuJoCo: the paper's 1e6 steps and 2x256 networks
-    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256),
-    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256),
+    "reacher": dict(dataset="expert-mix", total_steps=1_000_000, eval_every=50_000, hidden=256, bf16=True),
+    "ant": dict(dataset="medium", total_steps=1_000_000, eval_every=50_000, hidden=256, bf16=True),
 }
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # continuous actions: the Gaussians' log std range, as in the official IQL
 
@@ -132,7 +138,7 @@ class BatchedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias, x, self.weight).float()  # float32 outside the matmul under --bf16
 
 
 class Memory(nn.Module):
@@ -183,7 +189,7 @@ class Mixer(nn.Module):
 
     def forward(self, states: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Team value [B] of the agents' values [N, B] in the normalised states [B, S]."""
-        out = self.net(states)  # [B, N + 1]
+        out = self.net(states).float()  # [B, N + 1], float32 under --bf16
         return (out[:, :-1].abs().T * values).sum(0) + out[:, -1]
 
 
@@ -406,9 +412,13 @@ def main(args: Args) -> dict:
         return float(returns.mean()), data.normalized_score(args.task, returns)
 
     print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
+    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
+    # runs without autocast)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     for step in range(1, args.total_steps + 1):
         idx = torch.randint(len(dataset), (args.batch_size,), device=device)
-        logs = update(sample(idx))
+        with bf16:
+            logs = update(sample(idx))
 
         if step % 100 == 0:
             for name, value in logs.items():

@@ -25,6 +25,8 @@
 # and V losses, the three losses from one batch with one backward pass), and: the normalisation
 # statistics stay the dataset's during fine-tuning; exploration is the policies' own sampling
 # (IQL's fine-tuning too), actions clipped to [-1, 1].
+# On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32):
+# 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls.
 import copy
 import json
 import math
@@ -104,14 +106,18 @@ class Args:
     """rollouts run in parallel, each in its own copy of the simulator"""
     rollout_length: int = 10
     """maximum rollout length k (as MOMA-PPO's); a rollout also ends when the simulator says terminal"""
+    bf16: bool | None = None
+    """run the training steps' matmuls under bfloat16 autocast: about 2.7x faster on CPUs with AMX (and on
+    recent GPUs); the layers return float32, so losses, targets and evaluation stay float32 (default: per
+    task: on for MuJoCo, off for the coordination game)"""
 
 
 # Defaults that depend on the task, used for every field left at None: MAIQL's (algos/maiql.py)
 # offline, then as many fine-tuning steps (the paper: 2e6 steps in all, half of each).
 TASK_DEFAULTS = {
-    "coordination": dict(dataset="unfavorable", total_steps=6000, eval_every=0, hidden=64),
-    "reacher": dict(dataset="expert-mix", total_steps=2_000_000, eval_every=50_000, hidden=256),
-    "ant": dict(dataset="medium", total_steps=2_000_000, eval_every=50_000, hidden=256),
+    "coordination": dict(dataset="unfavorable", total_steps=6000, eval_every=0, hidden=64, bf16=False),
+    "reacher": dict(dataset="expert-mix", total_steps=2_000_000, eval_every=50_000, hidden=256, bf16=True),
+    "ant": dict(dataset="medium", total_steps=2_000_000, eval_every=50_000, hidden=256, bf16=True),
 }
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # continuous actions: the Gaussians' log std range, as in the official IQL
 
@@ -126,7 +132,7 @@ class BatchedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(members, 1, fan_out).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias, x, self.weight).float()  # float32 outside the matmul under --bf16
 
 
 class Memory(nn.Module):
@@ -177,7 +183,7 @@ class Mixer(nn.Module):
 
     def forward(self, states: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Team value [B] of the agents' values [N, B] in the normalised states [B, S]."""
-        out = self.net(states)  # [B, N + 1]
+        out = self.net(states).float()  # [B, N + 1], float32 under --bf16
         return (out[:, :-1].abs().T * values).sum(0) + out[:, -1]
 
 
@@ -525,12 +531,16 @@ def main(args: Args) -> dict:
     print(f"{run_name}: {T} transitions, {offline_steps} offline then {finetune_steps} fine-tuning steps "
           f"({args.online_transitions} simulator transitions) on {device}", flush=True)  # fmt: skip
     offline_score = None
+    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
+    # runs without autocast)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     for step in range(1, args.total_steps + 1):
         if step > offline_steps:  # fine-tuning: keep the online data on schedule, then sample from everything
             while replay.size - T < args.online_transitions * (step - offline_steps) / finetune_steps:
                 rollouts.step(explore)
         idx = torch.randint(replay.size, (args.batch_size,), device=device)
-        logs = update(replay.sample(idx))
+        with bf16:
+            logs = update(replay.sample(idx))
 
         if step % 100 == 0:
             for name, value in logs.items():

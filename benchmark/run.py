@@ -33,6 +33,7 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmark" / "results"
 COLUMNS = ["algo", "task", "obs", "dataset", "seed", "normalized_score", "return", "wall_seconds", "device", "total_steps"]
+CURVE_COLUMNS = ["algo", "task", "obs", "dataset", "seed", "total_steps", "step", "normalized_score"]
 
 # table -> task, algorithms (script, column title), rows ((obs, dataset), row title), the paper's
 # numbers per (algo, obs, dataset), the CSV the runs go to, and the algorithms that only run with
@@ -145,7 +146,20 @@ def run_one(job: tuple[str, list[str]]) -> dict:
         _modules[script] = module
     module = _modules[script]
     with contextlib.redirect_stdout(io.StringIO()):
-        return module.main(tyro.cli(module.Args, args=argv))
+        result = module.main(tyro.cli(module.Args, args=argv))
+    result["curve"] = learning_curve(result, Path(argv[argv.index("--runs-dir") + 1]))
+    return result
+
+
+def learning_curve(result: dict, runs_dir: Path) -> list[tuple[int, float]]:
+    """(step, eval/normalized_score) pairs that the run logged to TensorBoard, read back from its folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pattern = f"{result['task']}-{result['obs']}-{Path(result['dataset']).stem}__{result['algo']}__{result['seed']}__*"
+    run_dir = max(runs_dir.glob(pattern), key=lambda d: d.stat().st_mtime)  # this run's: the grid runs each cell once
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("eval/normalized_score")]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -307,8 +321,9 @@ def main(args: Args) -> None:
         }
         budget = [] if args.total_steps is None else ["--total-steps", str(args.total_steps)]
         budget += [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
+        runs_dir = ["--runs-dir", str(ROOT / "runs" / "benchmark" / f"table{args.table}")]
         jobs = [
-            (algo, ["--task", spec["task"], "--obs", obs, "--dataset", dataset, "--seed", str(seed), *budget])
+            (algo, ["--task", spec["task"], "--obs", obs, "--dataset", dataset, "--seed", str(seed), *budget, *runs_dir])
             for seed in range(args.seeds)
             for algo, obs, dataset in cells
             if (algo, obs, dataset, seed) not in done
@@ -317,13 +332,25 @@ def main(args: Args) -> None:
             print(f"resuming: {len(done)} runs already in {csv_path.relative_to(ROOT)} (--overwrite to redo them)")
         start = time.time()
         new_file = not csv_path.exists()
-        with csv_path.open("a", newline="") as f, mp.get_context("spawn").Pool(args.workers) as pool:
+        curves_path = csv_path.with_name(f"{csv_path.stem}_curves.csv")  # the learning curves, one row per evaluation
+        new_curves = not curves_path.exists()
+        with (
+            csv_path.open("a", newline="") as f,
+            curves_path.open("a", newline="") as curves_file,
+            mp.get_context("spawn").Pool(args.workers) as pool,
+        ):
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            curves = csv.writer(curves_file)
             if new_file:
                 writer.writeheader()
+            if new_curves:
+                curves.writerow(CURVE_COLUMNS)
             for i, result in enumerate(pool.imap_unordered(run_one, jobs), 1):
                 writer.writerow(result)
                 f.flush()
+                key = [result[c] for c in CURVE_COLUMNS[:6]]
+                curves.writerows([*key, step, score] for step, score in result["curve"])
+                curves_file.flush()
                 rows.append({k: str(v) for k, v in result.items()})
                 print(
                     f"[{i}/{len(jobs)}] {result['algo']:<12} {result['obs']:<14} {result['dataset']:<12} seed {result['seed']}: "
