@@ -170,3 +170,20 @@ def test_smoke_run_on_ant(script, obs, small_ant_dataset, tmp_path):
     assert result["task"] == "ant" and result["obs"] == obs and np.isfinite(result["normalized_score"])
     (run_dir,) = tmp_path.glob("*__*")  # run folders, not the world-model cache
     assert torch.load(run_dir / "model.pt", weights_only=False)["args"]["memory"] == (10 if obs == "po" else 0)
+
+
+@pytest.mark.parametrize("script", ["ibc", "iql_central", "maiql", "maiql_ft", "matd3bc", "itd3bc", "icql", "iomar"])
+def test_bf16_changes_the_training_but_keeps_float32_weights(script, small_reacher_dataset, tmp_path):
+    """--bf16 (the MuJoCo default) really runs the matmuls in bfloat16 (the weights differ from a float32
+    run's after a few steps) while the parameters, and so the checkpoint, stay float32 and finite."""
+    module = importlib.import_module(f"algos.{script}")
+    weights = {}
+    for bf16 in (True, False):
+        runs_dir = tmp_path / str(bf16)
+        args = module.Args(task="reacher", obs="all-observant", dataset=small_reacher_dataset, total_steps=4,
+                           eval_episodes=1, hidden=16, runs_dir=str(runs_dir), bf16=bf16)  # fmt: skip
+        assert np.isfinite(module.main(args)["normalized_score"])
+        (run_dir,) = runs_dir.glob("*__*")
+        weights[bf16] = torch.load(run_dir / "model.pt", weights_only=False)["policy"]
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights[True].values())
+    assert not all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
