@@ -211,9 +211,33 @@ def summary_table(table: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curves_table(table: str, rows: list[dict]) -> str:
+    """The learning curves behind the table's cells (mean normalized score over the seeds at each
+    evaluation), to show whether the runs had flattened at the budget they were given."""
+    spec = TABLES[table]
+    path = RESULTS / f"{Path(spec['csv']).stem}_curves.csv"
+    curves = [r for r in read_rows(path) if r["task"] == spec["task"]]
+    lines = ["| algorithm | setting | steps | seeds | mean normalized score at each evaluation |", "|---|---|---|---|---|"]
+    for row, row_title in spec["rows"]:
+        for algo, algo_title in spec["algos"]:
+            runs = cell_runs(rows, algo, *row)
+            if not runs:
+                continue
+            budget, seeds = runs[0]["total_steps"], {r["seed"] for r in runs}
+            points = [r for r in curves if (r["algo"], r["obs"], r["dataset"]) == (algo, *row)
+                      and r["total_steps"] == budget and r["seed"] in seeds]  # fmt: skip
+            steps = sorted({int(r["step"]) for r in points})
+            means = [np.mean([float(r["normalized_score"]) for r in points if int(r["step"]) == t]) for t in steps]
+            text = ", ".join(f"{t:,}: {m:.2f}" for t, m in zip(steps, means)) or "not recorded"
+            lines.append(f"| {algo_title} | {row_title} | {int(budget):,} | {len(seeds)} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(table: str, rows: list[dict]) -> str:
     text = summary_table(table, rows)
     write_readme_section(table, text)
+    if table.startswith("4"):
+        (RESULTS / f"table{table}_curves.md").write_text(curves_table(table, rows))
     return text
 
 
