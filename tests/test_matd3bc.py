@@ -68,19 +68,21 @@ def test_td3_target_takes_the_smaller_team_twin_and_stops_at_terminals():
     assert torch.allclose(target, torch.tensor([0.5 + 0.9 * 1.0, 0.5, 0.5 + 0.9 * -2.0]))
 
 
-def test_mixed_critics_are_qmix_sums_of_the_agents_utilities():
-    """Constant utilities Q_ik and constant mixer outputs: Q_k = |w_k1| Q_1k + |w_k2| Q_2k + b_k, by hand."""
-    critics = matd3bc.MixedTwinCritics(n_agents=2, feature_dim=3, act_dim=1, state_dim=4, hidden=8)
-    with torch.no_grad():
-        utilities, mixers = critics.utilities[-1], critics.mixers[-1]
-        utilities.weight.zero_()
-        utilities.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1))  # Q_11, Q_21, Q_12, Q_22
-        mixers.weight.zero_()
-        mixers.bias.copy_(torch.tensor([[-1.0, 2.0, 0.5], [3.0, -0.5, -1.0]]).view(2, 1, 3))  # w_k1, w_k2, b_k
-        q = critics(torch.randn(5, 4), torch.randn(2, 5, 3), torch.randn(2, 5, 1))
+def test_critics_see_the_state_and_the_joint_action():
+    """Each twin is a function of (state, a_1, ..., a_N): changing one agent's action changes both twins,
+    and the agents' actions enter in order (swapping them changes the value)."""
+    torch.manual_seed(0)
+    critics = matd3bc.TwinCritics(state_dim=4, joint_dim=2 * 3, hidden=8)
+    states, actions = torch.randn(5, 4), torch.randn(2, 5, 3)
+    q = critics(states, actions)
     assert q.shape == (2, 5)
-    assert torch.allclose(q[0], torch.tensor(1 * 1.0 + 2 * 2.0 + 0.5))
-    assert torch.allclose(q[1], torch.tensor(3 * 3.0 + 0.5 * 4.0 - 1.0))
+    moved = actions.clone()
+    moved[1, :, 0] += 1.0  # agent 1's first action component
+    assert (critics(states, moved) != q).all()
+    assert not torch.allclose(critics(states, actions.flip(0)), q)
+    x = torch.cat([states, actions[0], actions[1]], -1)  # the joint input [B, S + N * A], agent-major
+    by_hand = torch.stack([critics.net(x.unsqueeze(0).expand(2, -1, -1))[k, :, 0] for k in range(2)])
+    assert torch.allclose(q, by_hand)
 
 
 def test_actor_loss_is_td3bc_on_the_joint_action():
@@ -93,18 +95,22 @@ def test_actor_loss_is_td3bc_on_the_joint_action():
     assert torch.allclose(q1.grad, torch.full((2,), -2.5 / 3 / 2))  # lambda is a constant
 
 
-def test_actor_gradient_reaches_every_agent_through_the_team_critic():
+@pytest.mark.parametrize("memory", [0, 3])
+def test_actor_gradient_reaches_every_agent_and_its_memory_through_the_team_critic(memory):
+    """The critic reads the state, so under partial observability only the actor loss trains the memory."""
     import envs
 
     torch.manual_seed(0)
-    env = envs.make("reacher", "all-observant")
-    policy = matd3bc.Policies(env, 16, np.zeros((2, env.obs_dim)), np.ones((2, env.obs_dim)), memory=0, memory_dim=8)
-    critics = matd3bc.MixedTwinCritics(2, policy.feature_dim, env.act_dim, env.state_dim, 16)
+    env = envs.make("reacher", "independent" if memory else "all-observant")
+    ones = np.ones((2, env.obs_dim))
+    policy = matd3bc.Policies(env, 16, 0 * ones, ones, memory=memory, memory_dim=8)
+    critics = matd3bc.TwinCritics(env.state_dim, 2 * env.act_dim, 16)
     obs = torch.randn(2, 7, env.obs_dim)
-    pi = policy(policy.features(obs))
-    matd3bc.td3bc_actor_loss(critics(torch.randn(7, env.state_dim), obs, pi)[0], pi, pi.detach(), 2.5).backward()
-    first_layer = policy.net[0].weight.grad  # [N, in, out]: each agent's gradient is its own slice
-    assert (first_layer.flatten(1).abs().sum(1) > 0).all()
+    past = (torch.randn(2, 7, memory, env.obs_dim), torch.randn(2, 7, memory, env.act_dim), torch.ones(7, memory, dtype=torch.bool))
+    pi = policy(policy.features(obs, *past) if memory else policy.features(obs))
+    matd3bc.td3bc_actor_loss(critics(torch.randn(7, env.state_dim), pi)[0], pi, pi.detach(), 2.5).backward()
+    for layer in [policy.net[0]] + ([policy.memory.embed] if memory else []):  # [N, in, out]: one slice per agent
+        assert (layer.weight.grad.flatten(1).abs().sum(1) > 0).all()
 
 
 def test_memory_is_ibc_memory():
