@@ -147,7 +147,7 @@ def run_one(job: tuple[str, list[str]]) -> dict:
     module = _modules[script]
     with contextlib.redirect_stdout(io.StringIO()):
         result = module.main(tyro.cli(module.Args, args=argv))
-    result["curve"] = learning_curve(result, Path(argv[argv.index("--runs-dir") + 1]))
+    result["curve"] = learning_curve(result, Path("runs"))  # the scripts' default runs folder
     return result
 
 
@@ -156,7 +156,7 @@ def learning_curve(result: dict, runs_dir: Path) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     pattern = f"{result['task']}-{result['obs']}-{Path(result['dataset']).stem}__{result['algo']}__{result['seed']}__*"
-    run_dir = max(runs_dir.glob(pattern), key=lambda d: d.stat().st_mtime)  # this run's: the grid runs each cell once
+    run_dir = max(runs_dir.glob(pattern), key=lambda d: d.stat().st_mtime)  # the newest: the one just finished
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars("eval/normalized_score")]
@@ -345,9 +345,8 @@ def main(args: Args) -> None:
         }
         budget = [] if args.total_steps is None else ["--total-steps", str(args.total_steps)]
         budget += [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
-        runs_dir = ["--runs-dir", str(ROOT / "runs" / "benchmark" / f"table{args.table}")]
         jobs = [
-            (algo, ["--task", spec["task"], "--obs", obs, "--dataset", dataset, "--seed", str(seed), *budget, *runs_dir])
+            (algo, ["--task", spec["task"], "--obs", obs, "--dataset", dataset, "--seed", str(seed), *budget])
             for seed in range(args.seeds)
             for algo, obs, dataset in cells
             if (algo, obs, dataset, seed) not in done
