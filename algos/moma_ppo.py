@@ -25,8 +25,8 @@
 #   last 10 (observation, action) pairs (appendix A); rollout histories start with the
 #   dataset's history of the start state and grow with the generated steps.
 # - Continuous actions: Gaussian policies, action-bound penalty, per-dimension entropy
-#   temperatures. On reacher MAPPO learns at 3e-4 for 1,500 learning steps (the paper: 5e-5 for
-#   1e5), which takes minutes instead of hours on a CPU; ant keeps the paper's settings (untuned).
+#   temperatures. MAPPO learns at 3e-4 for 1,500 learning steps on reacher and at 1e-4 for 3,000
+#   on ant (the paper: 5e-5 for 1e5), which takes minutes instead of hours or days on a CPU.
 # - The agents' networks run under bfloat16 autocast on MuJoCo tasks (--bf16), their outputs
 #   cast back to float32 before distributions, values and losses.
 #
@@ -184,13 +184,15 @@ TASK_DEFAULTS = {
     # MuJoCo: the paper's MAPPO settings (appendix A.2) except the budget and, on reacher, the
     # learning rate: the paper's 1e5 learning steps at 5e-5 take about 6 hours per reacher run on
     # one CPU core; at 3e-4 all-observant teams pass 0.9 within 500 steps (5e-5: 0.64 after 300,
-    # 1e-4: 0.81 after 500). Ant keeps the paper's settings until it is tuned (issue #4).
+    # 1e-4: 0.81 after 500). On ant-medium FO, 3e-4 diverged (value loss 1e6 after ~500 steps, the
+    # score fell from 0.66 to 0.15) while 1e-4 reached 0.99 after 500 steps and stayed between 0.85
+    # and 1.05 up to 3,000, where it ended at 1.09 (10 evaluation episodes each).
     "reacher": dict(
         dataset="expert-mix", total_steps=1500, eval_every=250, hidden=256, learning_rate=3e-4, entropy_target=-4.0,
         wm_hidden=200, wm_layers=4, wm_max_steps=100_000, wm_bf16=True, bf16=True,
     ),  # fmt: skip
     "ant": dict(
-        dataset="medium", total_steps=100_000, eval_every=1000, hidden=256, learning_rate=5e-5, entropy_target=-6.0,
+        dataset="medium", total_steps=3000, eval_every=500, hidden=256, learning_rate=1e-4, entropy_target=-6.0,
         wm_hidden=200, wm_layers=4, wm_max_steps=100_000, wm_bf16=True, bf16=True,
     ),  # fmt: skip
 }
