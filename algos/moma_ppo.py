@@ -19,6 +19,10 @@
 # - Rollout slots that end (terminal or time-out) restart at once from a fresh dataset
 #   state, so every PPO batch holds exactly rollout_batch x rollout_length transitions.
 # - Advantages are normalised per batch (as MAPPO does); the paper does not say.
+# - The values that GAE reads are clipped to the range the dataset's rewards allow,
+#   [(r_min - max penalty) / (1 - gamma), r_max / (1 - gamma)]: with almost every rollout cut
+#   after k steps, the value function learns from its own bootstraps on generated states
+#   and could diverge (ant-medium FO, seed 1: value loss 1e13, the score fell from 0.90 to 0.36).
 # - Coordination game: a smaller world model and a larger learning rate than the paper's
 #   MuJoCo settings, see TASK_DEFAULTS.
 # - Under partial observability each agent's policy and value read a memory summary of its
@@ -593,6 +597,17 @@ def restart_history(ended: torch.Tensor, fresh: tuple, kept: tuple) -> tuple:
     )
 
 
+def value_range(dataset_rewards: np.ndarray, args) -> tuple[float, float]:
+    """The discounted returns that (penalised) rewards within the dataset's range allow: values outside
+    it are wrong, so GAE clips to it and the value function cannot chase its bootstraps to infinity."""
+    if args.penalty == "epistemic" and not args.ground_truth_model:
+        largest_penalty = (args.lambda_r + args.lambda_g) * args.l_eps  # each eps is capped at l_eps
+    else:  # the aleatoric penalty has no cap; the simulator has no penalty
+        largest_penalty = 0.0 if args.ground_truth_model else math.inf
+    horizon = 1 / (1 - args.gamma)
+    return float(dataset_rewards.min() - largest_penalty) * horizon, float(dataset_rewards.max()) * horizon
+
+
 def timeout_aware_gae(rewards, values, next_values, masks, timeout_masks, gamma, lam):
     """Returns and advantages of appendix A over [k, b] rollouts (time first).
 
@@ -710,6 +725,7 @@ def main(args: Args) -> dict:
     dataset_obs = torch.as_tensor(dataset.observations, device=device).transpose(0, 1)  # [N, T, O]
     dataset_actions = torch.as_tensor(dataset.actions, device=device).transpose(0, 1)  # [N, T, ...]
     k, b = args.rollout_length, args.rollout_batch
+    value_low, value_high = value_range(dataset.rewards, args)
 
     def sample_starts(n: int) -> tuple[torch.Tensor, tuple]:
         """n dataset states to start rollouts from, and with memory their histories (past obs, actions, mask)."""
@@ -809,6 +825,7 @@ def main(args: Args) -> dict:
                 with amp():
                     values = value(policies.features(obs, *past), flat_states).view(k, b)
                     next_values = value(policies.features(next_obs, *next_past), rollout["next_states"].flatten(0, 1)).view(k, b)
+                values, next_values = values.clamp(value_low, value_high), next_values.clamp(value_low, value_high)
                 returns, advantages = timeout_aware_gae(
                     rollout["rewards"], values, next_values, rollout["masks"], rollout["timeout_masks"], args.gamma, args.gae_lambda
                 )

@@ -1,5 +1,6 @@
 """Formulas of MOMA-PPO (paper section 3 and appendix A) against hand or numpy computations."""
 
+import math
 import time
 
 import numpy as np
@@ -239,3 +240,14 @@ def test_ground_truth_model_rolls_out_in_the_simulator(tmp_path, capsys):
     sims = envs.Simulators("coordination", 4)
     _, rewards, _ = sims.step(np.zeros((4, 1), dtype=np.float32), np.ones((4, 2), dtype=np.int64))
     assert rewards.tolist() == [1.0] * 4
+
+
+def test_value_range_is_what_the_penalised_rewards_allow():
+    rewards = np.array([-1.0, 0.5, 2.0])
+    args = moma_ppo.Args(gamma=0.99, lambda_r=1.0, lambda_g=0.5, l_eps=2.0)
+    low, high = moma_ppo.value_range(rewards, args)  # each penalty is capped at l_eps: at most 3 per step
+    assert low == pytest.approx((-1.0 - 3.0) * 100) and high == pytest.approx(2.0 * 100)
+    args.penalty = "aleatoric"  # uncapped
+    assert moma_ppo.value_range(rewards, args) == (-math.inf, pytest.approx(200.0))
+    args.ground_truth_model = True  # no penalty at all
+    assert moma_ppo.value_range(rewards, args) == (pytest.approx(-100.0), pytest.approx(200.0))
