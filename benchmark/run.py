@@ -199,7 +199,8 @@ def summary_table(table: str, rows: list[dict]) -> str:
             cells.append(f"{ours} ({paper})" if paper else ours)
         lines.append(f"| {row_title} | " + " | ".join(cells) + " |")
     seconds = sum(float(r["wall_seconds"]) for r in shown)
-    budgets = ", ".join(sorted({f"{r['algo']} {int(r['total_steps']):,}" for r in shown}))
+    kind = lambda obs: "FO" if obs in ("fo", "all-observant") else "PO"  # noqa: E731
+    budgets = ", ".join(sorted({f"{r['algo']} {int(r['total_steps']):,} ({kind(r.get('obs') or 'fo')})" for r in shown}))
     lines.append("")
     lines.append(
         f"Ours in bold: mean ± standard error over seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} seeds) of the normalized "
