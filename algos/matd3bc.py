@@ -22,8 +22,8 @@
 # collapsed on reacher all-observant (seed 0: 0.68 after 4k steps, -0.02 after 20k; in float32
 # 0.70 after 4k, 0.21 after 10k), where the paper reports 1.04: an additive mixture cannot express
 # that the agents' conventions are good only together. The critic here is the centralised one
-# that the issue specifying this script asks for. The actors and target networks follow TD3+BC's official
-# code. The twins are one batched network ([2, in, out] weights), the actors another ([agents,
+# that the issue specifying this script asks for. The actors and target networks follow TD3+BC's
+# official code. The twins are one batched network ([2, in, out] weights), the actors another ([agents,
 # in, out]); gradient norms are clipped at 1 over all actors (both critics) at once; the memory
 # learns at the paper's 1e-4.
 # On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32):
@@ -167,7 +167,8 @@ class Memory(nn.Module):
 
 
 class Policies(nn.Module):
-    """All agents' deterministic actors pi_i(o_i, h_i) = tanh(MLP), and their memories. `features` builds each agent's input from its normalised observation [N, B, O]
+    """All agents' deterministic actors pi_i(o_i, h_i) = tanh(MLP), and their memories.
+    `features` builds each agent's input from its normalised observation [N, B, O]
     (and, with memory, its past observations [N, B, K, O], actions [N, B, K, A] and mask [B, K]);
     calling the module maps features [N, B, F] to actions [N, B, A] in [-1, 1]."""
 

@@ -600,10 +600,12 @@ def restart_history(ended: torch.Tensor, fresh: tuple, kept: tuple) -> tuple:
 def value_range(dataset_rewards: np.ndarray, args) -> tuple[float, float]:
     """The discounted returns that (penalised) rewards within the dataset's range allow: values outside
     it are wrong, so GAE clips to it and the value function cannot chase its bootstraps to infinity."""
-    if args.penalty == "epistemic" and not args.ground_truth_model:
-        largest_penalty = (args.lambda_r + args.lambda_g) * args.l_eps  # each eps is capped at l_eps
-    else:  # the aleatoric penalty has no cap; the simulator has no penalty
-        largest_penalty = 0.0 if args.ground_truth_model else math.inf
+    if args.ground_truth_model:  # the simulator: no penalty
+        largest_penalty = 0.0
+    elif args.penalty == "epistemic":  # each eps is capped at l_eps
+        largest_penalty = (args.lambda_r + args.lambda_g) * args.l_eps
+    else:  # the aleatoric penalty has no cap
+        largest_penalty = math.inf
     horizon = 1 / (1 - args.gamma)
     return float(dataset_rewards.min() - largest_penalty) * horizon, float(dataset_rewards.max()) * horizon
 
