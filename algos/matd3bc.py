@@ -27,8 +27,9 @@
 # in, out]); gradient norms are clipped at 1 over all actors (both critics) at once; the memory
 # learns at the paper's 1e-4.
 # Known failure: under partial observability on reacher the actors drift off the data and score
-# below random, with or without memory, while --alpha 0 (BC alone) scores like IBC. Our reading: the critic's
-# gradient depends on state the actor cannot see, and reacher's small actions make the BC term weak.
+# below random, with or without memory, while --alpha 0 (BC alone) scores like IBC. Our reading:
+# the critic's gradient depends on state the actor cannot see, and reacher's small actions make
+# the BC term weak.
 # On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32):
 # 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls.
 import copy
