@@ -5,6 +5,8 @@
                                                      # Table 4a: two-agent Reacher (a budget and subset)
     python benchmark/run.py --table 4b --seeds 3 --datasets medium --obs po
                                                      # Table 4b: four-agent Ant, one row
+    python benchmark/run.py --table 4b --add runs/ant-po-medium__moma_ppo__0__1795388626
+                                                     # record a run made by hand (e.g. resumed over sessions)
 
 Each run is one call of a script's main() inside a worker process (one worker per core,
 one torch thread each), so the scripts' import time is paid once per worker. Every
@@ -21,6 +23,7 @@ import contextlib
 import csv
 import importlib.util
 import io
+import json
 import multiprocessing as mp
 import sys
 import time
@@ -128,6 +131,9 @@ class Args:
     """only rebuild the markdown table and README from the existing CSV"""
     datasets: tuple[str, ...] = ()
     """run only these datasets (table 2: "task/dataset", e.g. ant/medium, remeasured while the other rows are kept)"""
+    add: tuple[str, ...] = ()
+    """record runs made outside the grid instead of running any (e.g. a long one continued with --resume over
+    several sessions): their run folders, whose result.json and learning curve are appended to the table's CSVs"""
 
 
 _modules: dict = {}
@@ -147,16 +153,16 @@ def run_one(job: tuple[str, list[str]]) -> dict:
     module = _modules[script]
     with contextlib.redirect_stdout(io.StringIO()):
         result = module.main(tyro.cli(module.Args, args=argv))
-    result["curve"] = learning_curve(result, Path("runs"))  # the scripts' default runs folder
+    pattern = f"{result['task']}-{result['obs']}-{Path(result['dataset']).stem}__{result['algo']}__{result['seed']}__*"
+    run_dir = max(Path("runs").glob(pattern), key=lambda d: d.stat().st_mtime)  # the newest: the one just finished
+    result["curve"] = learning_curve(run_dir)
     return result
 
 
-def learning_curve(result: dict, runs_dir: Path) -> list[tuple[int, float]]:
-    """(step, eval/normalized_score) pairs that the run logged to TensorBoard, read back from its folder."""
+def learning_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, eval/normalized_score) pairs that a run logged to TensorBoard, read back from its folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    pattern = f"{result['task']}-{result['obs']}-{Path(result['dataset']).stem}__{result['algo']}__{result['seed']}__*"
-    run_dir = max(runs_dir.glob(pattern), key=lambda d: d.stat().st_mtime)  # the newest: the one just finished
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars("eval/normalized_score")]
@@ -313,6 +319,49 @@ def table2(only: tuple[str, ...] = ()) -> None:
     print(text)
 
 
+@contextlib.contextmanager
+def results_writer(csv_path: Path, rows: list[dict]):
+    """A function that appends one finished run to the table's CSV, its learning curve to the
+    curves CSV and its row to `rows`, each flushed at once so that an interrupted grid loses nothing."""
+    curves_path = csv_path.with_name(f"{csv_path.stem}_curves.csv")  # one row per evaluation
+    new_file, new_curves = not csv_path.exists(), not curves_path.exists()
+    with csv_path.open("a", newline="") as f, curves_path.open("a", newline="") as curves_file:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        curves = csv.writer(curves_file)
+        if new_file:
+            writer.writeheader()
+        if new_curves:
+            curves.writerow(CURVE_COLUMNS)
+
+        def record(result: dict) -> None:
+            writer.writerow(result)
+            f.flush()
+            key = [result[c] for c in CURVE_COLUMNS[:6]]
+            curves.writerows([*key, step, score] for step, score in result["curve"])
+            curves_file.flush()
+            rows.append({k: str(v) for k, v in result.items()})
+
+        yield record
+
+
+def add_runs(run_dirs: tuple[str, ...], task: str, csv_path: Path, rows: list[dict]) -> None:
+    """Append finished runs made outside the grid (their folders' result.json and curves), once each."""
+    with results_writer(csv_path, rows) as record:
+        for run_dir in map(Path, run_dirs):
+            if not (run_dir / "result.json").is_file():
+                sys.exit(f"error: {run_dir} has no result.json: the run has not finished (continue it with --resume)")
+            result = json.loads((run_dir / "result.json").read_text())
+            if result["task"] != task:
+                sys.exit(f"error: {run_dir} ran task {result['task']}, not this table's task {task}")
+            key = lambda r: tuple(str(r[c]) for c in ("algo", "obs", "dataset", "seed", "total_steps"))  # noqa: E731
+            if any(key(r) == key(result) for r in rows):
+                print(f"{run_dir}: already recorded (same algorithm, setting, seed and budget), skipped")
+                continue
+            result["curve"] = learning_curve(run_dir)
+            record(result)
+            print(f"{run_dir}: recorded, normalized score {result['normalized_score']:.3f}")
+
+
 def main(args: Args) -> None:
     if args.table == "2":
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -338,7 +387,9 @@ def main(args: Args) -> None:
             writer.writeheader()
             writer.writerows(all_rows)
     rows = [r for r in all_rows if r["task"] == spec["task"]]
-    if not args.tables_only:
+    if args.add:
+        add_runs(args.add, spec["task"], csv_path, rows)
+    elif not args.tables_only:
         done = {
             (r["algo"], r["obs"], r["dataset"], int(r["seed"]))
             for r in rows
@@ -355,27 +406,9 @@ def main(args: Args) -> None:
         if len(done):
             print(f"resuming: {len(done)} runs already in {csv_path.relative_to(ROOT)} (--overwrite to redo them)")
         start = time.time()
-        new_file = not csv_path.exists()
-        curves_path = csv_path.with_name(f"{csv_path.stem}_curves.csv")  # the learning curves, one row per evaluation
-        new_curves = not curves_path.exists()
-        with (
-            csv_path.open("a", newline="") as f,
-            curves_path.open("a", newline="") as curves_file,
-            mp.get_context("spawn").Pool(args.workers) as pool,
-        ):
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            curves = csv.writer(curves_file)
-            if new_file:
-                writer.writeheader()
-            if new_curves:
-                curves.writerow(CURVE_COLUMNS)
+        with results_writer(csv_path, rows) as record, mp.get_context("spawn").Pool(args.workers) as pool:
             for i, result in enumerate(pool.imap_unordered(run_one, jobs), 1):
-                writer.writerow(result)
-                f.flush()
-                key = [result[c] for c in CURVE_COLUMNS[:6]]
-                curves.writerows([*key, step, score] for step, score in result["curve"])
-                curves_file.flush()
-                rows.append({k: str(v) for k, v in result.items()})
+                record(result)
                 print(
                     f"[{i}/{len(jobs)}] {result['algo']:<12} {result['obs']:<14} {result['dataset']:<12} seed {result['seed']}: "
                     f"{result['normalized_score']:.3f} ({result['wall_seconds']:.1f}s, {time.time() - start:.0f}s elapsed)",

@@ -1,0 +1,56 @@
+"""The grid runner's bookkeeping: recording runs made outside the grid (--add)."""
+
+import csv
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import ROOT
+from torch.utils.tensorboard import SummaryWriter
+
+spec = importlib.util.spec_from_file_location("benchmark_run", ROOT / "benchmark" / "run.py")
+run = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = run  # its dataclasses look their module up there
+spec.loader.exec_module(run)
+
+
+def fake_run(folder, seed, scores):
+    """A finished run folder: result.json and an eval/normalized_score curve in TensorBoard."""
+    folder.mkdir(parents=True)
+    writer = SummaryWriter(str(folder))
+    for step, score in scores:
+        writer.add_scalar("eval/normalized_score", score, step)
+    writer.close()
+    result = dict(algo="moma_ppo", task="ant", obs="po", dataset="medium", seed=seed, normalized_score=scores[-1][1],
+                  wall_seconds=12.5, device="cpu", total_steps=scores[-1][0], eval_episodes=100)  # fmt: skip
+    result["return"] = 100.0
+    (folder / "result.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_add_records_each_run_and_its_curve_once(tmp_path):
+    csv_path, rows = tmp_path / "table4.csv", []
+    first = fake_run(tmp_path / "a", 0, [(500, 0.3), (1000, 0.5)])
+    second = fake_run(tmp_path / "b", 1, [(1000, 0.7)])
+    run.add_runs((str(first), str(second)), "ant", csv_path, rows)
+    run.add_runs((str(first),), "ant", csv_path, rows)  # already there: skipped
+
+    with csv_path.open() as f:
+        table = list(csv.DictReader(f))
+    assert [(r["seed"], float(r["normalized_score"]), r["total_steps"]) for r in table] == [("0", 0.5, "1000"), ("1", 0.7, "1000")]
+    with csv_path.with_name("table4_curves.csv").open() as f:
+        curves = list(csv.DictReader(f))
+    assert [(r["seed"], r["step"], float(r["normalized_score"])) for r in curves] == [
+        ("0", "500", pytest.approx(0.3)), ("0", "1000", pytest.approx(0.5)), ("1", "1000", pytest.approx(0.7))
+    ]  # fmt: skip
+    assert len(rows) == 2
+
+
+def test_add_refuses_unfinished_runs_and_other_tasks(tmp_path):
+    (tmp_path / "running").mkdir()
+    with pytest.raises(SystemExit, match="has not finished"):
+        run.add_runs((str(tmp_path / "running"),), "ant", tmp_path / "t.csv", [])
+    ant = fake_run(tmp_path / "ant", 0, [(10, 0.1)])
+    with pytest.raises(SystemExit, match="ran task ant, not this table.s task reacher"):
+        run.add_runs((str(ant),), "reacher", tmp_path / "t.csv", [])
