@@ -5,7 +5,7 @@
                                                      # Table 4a: two-agent Reacher (a budget and subset)
     python benchmark/run.py --table 4b --seeds 3 --datasets medium --obs po
                                                      # Table 4b: four-agent Ant, one row
-    python benchmark/run.py --table 4b --add runs/ant-po-medium__moma_ppo__0__1795388626
+    python benchmark/run.py --table 4b --add runs/variants/ant-po-medium__moma_ppo__0__1795394592
                                                      # record a run made by hand (e.g. resumed over sessions)
 
 Each run is one call of a script's main() inside a worker process (one worker per core,
@@ -344,6 +344,11 @@ def results_writer(csv_path: Path, rows: list[dict]):
         yield record
 
 
+def run_key(row: dict) -> tuple[str, ...]:
+    """What makes a run distinct in the CSV: algorithm, setting, seed and budget."""
+    return tuple(str(row[c]) for c in ("algo", "obs", "dataset", "seed", "total_steps"))
+
+
 def add_runs(run_dirs: tuple[str, ...], task: str, csv_path: Path, rows: list[dict]) -> None:
     """Append finished runs made outside the grid (their folders' result.json and curves), once each."""
     with results_writer(csv_path, rows) as record:
@@ -353,8 +358,7 @@ def add_runs(run_dirs: tuple[str, ...], task: str, csv_path: Path, rows: list[di
             result = json.loads((run_dir / "result.json").read_text())
             if result["task"] != task:
                 sys.exit(f"error: {run_dir} ran task {result['task']}, not this table's task {task}")
-            key = lambda r: tuple(str(r[c]) for c in ("algo", "obs", "dataset", "seed", "total_steps"))  # noqa: E731
-            if any(key(r) == key(result) for r in rows):
+            if any(run_key(r) == run_key(result) for r in rows):
                 print(f"{run_dir}: already recorded (same algorithm, setting, seed and budget), skipped")
                 continue
             result["curve"] = learning_curve(run_dir)
