@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -682,7 +682,12 @@ def main(args: Args) -> dict:
     if args.resume:  # the saved settings, except a new budget
         run_dir, checkpoint = load_checkpoint(args.resume)
         total_steps, resume = args.total_steps, args.resume
-        args = Args(**checkpoint["args"])
+        saved = checkpoint["args"]
+        known = {f.name for f in fields(Args)}
+        dropped = {k: v for k, v in saved.items() if k not in known}
+        if dropped:  # a flag from another version of this script
+            print(f"resume: ignoring settings this version does not have: {dropped}")
+        args = Args(**{k: v for k, v in saved.items() if k in known})
         args.total_steps, args.resume = total_steps or args.total_steps, resume
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, key) is None:
@@ -705,7 +710,7 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     generator = torch.Generator(device).manual_seed(args.seed)
-    print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} learning steps on {device}", flush=True)
+    print(f"{run_dir.name}: {len(dataset)} transitions, {args.total_steps} learning steps on {device}", flush=True)
 
     obs_mean, obs_std = dataset.stats("observations")
     state_mean, state_std = dataset.stats("states")

@@ -198,13 +198,20 @@ TINY_COORDINATION = dict(dataset="unfavorable", wm_max_steps=50, wm_eval_every=2
                          eval_episodes=2)  # fmt: skip
 
 
-def test_resume_continues_where_it_stopped(tmp_path):
+def test_resume_continues_where_it_stopped(tmp_path, capsys):
     """Two steps, then two more after --resume: the same weights as four steps in one go."""
     moma_ppo.main(moma_ppo.Args(total_steps=4, runs_dir=str(tmp_path / "whole"), **TINY_COORDINATION))
     moma_ppo.main(moma_ppo.Args(total_steps=2, runs_dir=str(tmp_path / "split"), **TINY_COORDINATION))
     (split_dir,) = (tmp_path / "split").glob("*__*")
-    assert torch.load(split_dir / "model.pt", weights_only=False)["step"] == 2
+    checkpoint = torch.load(split_dir / "model.pt", weights_only=False)
+    assert checkpoint["step"] == 2
+    checkpoint["args"]["retired_flag"] = False  # as saved by another version of the script
+    torch.save(checkpoint, split_dir / "model.pt")
+    capsys.readouterr()
     result = moma_ppo.main(moma_ppo.Args(resume=str(split_dir), total_steps=4))
+    printed = capsys.readouterr().out
+    assert "ignoring settings this version does not have: {'retired_flag': False}" in printed
+    assert printed.count(split_dir.name) >= 1  # the resumed run names the folder it continues
     assert result["total_steps"] == 4
     (whole_dir,) = (tmp_path / "whole").glob("*__*")
     whole, split = (torch.load(d / "model.pt", weights_only=False) for d in (whole_dir, split_dir))
