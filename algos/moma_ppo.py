@@ -146,6 +146,8 @@ class Args:
     # MAPPO (appendix A)
     learning_rate: float | None = None
     """Adam learning rate of the policies and the value function (default: per task; paper 5e-5)"""
+    anneal_lr: bool = False
+    """decay every learning rate linearly to 0 at --total-steps (CleanRL's PPO; the paper keeps them constant)"""
     hidden: int | None = None
     """units in each of the two hidden layers of the policy and value networks (default: per task; paper 256)"""
     epochs: int = 5
@@ -729,6 +731,7 @@ def main(args: Args) -> dict:
     if args.memory:  # shared by the policies and the value network, with its own learning rate
         groups.append({"params": policies.memory.parameters(), "lr": args.memory_learning_rate})
     optimizer = torch.optim.Adam(groups, lr=args.learning_rate)
+    base_learning_rates = [group["lr"] for group in optimizer.param_groups]
     entropy_alpha = torch.zeros(env.n_agents, action_dims, device=device)  # per agent and action dimension
 
     start_states = torch.as_tensor(dataset.states, device=device)
@@ -799,6 +802,9 @@ def main(args: Args) -> dict:
     ppo_start = time.time()
     with stop_requests() as stop:
         for step in range(start_step + 1, args.total_steps + 1):
+            if args.anneal_lr:
+                for group, base in zip(optimizer.param_groups, base_learning_rates):
+                    group["lr"] = base * (1 - (step - 1) / args.total_steps)
             # -- synthetic rollouts through the world model, all slots and agents at once --
             states, past = sample_starts(b)
             buffer = defaultdict(list)

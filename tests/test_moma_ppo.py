@@ -258,3 +258,10 @@ def test_value_range_is_what_the_penalised_rewards_allow():
     assert moma_ppo.value_range(rewards, args) == (-math.inf, pytest.approx(200.0))
     args.ground_truth_model = True  # no penalty at all
     assert moma_ppo.value_range(rewards, args) == (pytest.approx(-100.0), pytest.approx(200.0))
+
+
+def test_anneal_lr_decays_every_learning_rate_linearly(tmp_path):
+    moma_ppo.main(moma_ppo.Args(total_steps=4, anneal_lr=True, runs_dir=str(tmp_path), **TINY_COORDINATION))
+    (run_dir,) = tmp_path.glob("*__*")
+    (group,) = torch.load(run_dir / "model.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert group["lr"] == pytest.approx(moma_ppo.TASK_DEFAULTS["coordination"]["learning_rate"] / 4)  # last step: 1 - 3/4
