@@ -155,7 +155,8 @@ class Memory(nn.Module):
         hidden = -1e9 * ~mask  # [B, K] additive mask: masked steps get no attention
         attention = torch.softmax(q @ key.transpose(-1, -2) / math.sqrt(x.shape[-1]) + hidden[:, None], -1)
         x = F.layer_norm(x + attention @ v, x.shape[-1:]) * self.norm_gain + self.norm_bias
-        scores = torch.bmm(torch.bmm(x.flatten(1, 2), self.soft_key), self.soft_query).view(n, b, k)
+        # keys @ query = x @ (W_key @ query): one [E, 1] vector per agent instead of [B * K, E] keys
+        scores = torch.bmm(x.flatten(1, 2), self.soft_key @ self.soft_query).view(n, b, k)
         weights = torch.softmax(scores / math.sqrt(x.shape[-1]) + hidden, -1)
         return (weights.unsqueeze(-1) * x).sum(2) * mask.any(-1, keepdim=True)
 
