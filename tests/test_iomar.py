@@ -1,7 +1,6 @@
 """algos/iomar.py: smoke runs on every reacher observation setting, determinism, and its formulas."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -10,16 +9,6 @@ import torch
 from algos import ibc, iomar
 
 RESULT_FIELDS = {"task", "obs", "dataset", "algo", "seed", "normalized_score", "return", "eval_episodes", "total_steps"}
-
-
-@pytest.fixture(scope="module")
-def small_reacher_dataset(tmp_path_factory):
-    """400 transitions of reacher expert-mix from the committed behaviour policy, as a file."""
-    from data import mujoco_datasets
-
-    path = tmp_path_factory.mktemp("reacher") / "expert-mix-small.npz"
-    np.savez(path, **mujoco_datasets.build("reacher", "expert-mix", size=400))
-    return str(path)
 
 
 def run(dataset, runs_dir, obs="all-observant", **overrides) -> dict:

@@ -8,17 +8,8 @@ import torch
 
 import envs
 from algos import maiql
-from data import mujoco_datasets
 
 RESULT_FIELDS = {"task", "obs", "dataset", "algo", "seed", "normalized_score", "return", "wall_seconds"}
-
-
-@pytest.fixture(scope="module")
-def small_reacher_dataset(tmp_path_factory):
-    """400 transitions of reacher expert-mix from the committed behaviour policy, as a file."""
-    path = tmp_path_factory.mktemp("reacher") / "expert-mix-small.npz"
-    np.savez(path, **mujoco_datasets.build("reacher", "expert-mix", size=400))
-    return str(path)
 
 
 def run(dataset: str, runs_dir, obs: str = "all-observant", **overrides) -> tuple[dict, dict]:

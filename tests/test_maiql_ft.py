@@ -10,14 +10,6 @@ from algos import maiql_ft
 from data import mujoco_datasets
 
 
-@pytest.fixture(scope="module")
-def small_reacher_dataset(tmp_path_factory):
-    """400 transitions of reacher expert-mix from the committed behaviour policy, as a file."""
-    path = tmp_path_factory.mktemp("reacher") / "expert-mix-small.npz"
-    np.savez(path, **mujoco_datasets.build("reacher", "expert-mix", size=400))
-    return str(path)
-
-
 def test_rollouts_start_from_dataset_states_and_chain_their_histories(small_reacher_dataset):
     env = envs.make("reacher", "independent")
     dataset = data.load(env, small_reacher_dataset)

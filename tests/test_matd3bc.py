@@ -11,16 +11,6 @@ from algos import ibc, matd3bc
 RESULT_FIELDS = {"task", "obs", "dataset", "algo", "seed", "normalized_score", "return", "eval_episodes", "total_steps"}
 
 
-@pytest.fixture(scope="module")
-def small_reacher_dataset(tmp_path_factory):
-    """400 transitions of reacher expert-mix from the committed behaviour policy, as a file."""
-    from data import mujoco_datasets
-
-    path = tmp_path_factory.mktemp("reacher") / "expert-mix-small.npz"
-    np.savez(path, **mujoco_datasets.build("reacher", "expert-mix", size=400))
-    return str(path)
-
-
 def run(dataset, runs_dir, obs="all-observant", **overrides) -> dict:
     args = matd3bc.Args(
         task="reacher", obs=obs, dataset=dataset, total_steps=20, eval_episodes=2, runs_dir=str(runs_dir), hidden=32,

@@ -83,16 +83,6 @@ def test_malformed_dataset_file_is_one_clear_line(tmp_path):
     assert out.returncode != 0 and out.stderr.startswith("error: unknown dataset 'biased'")
 
 
-@pytest.fixture(scope="module")
-def small_reacher_dataset(tmp_path_factory):
-    """400 transitions of reacher expert-mix from the committed behaviour policy, as a file."""
-    from data import mujoco_datasets
-
-    path = tmp_path_factory.mktemp("reacher") / "expert-mix-small.npz"
-    np.savez(path, **mujoco_datasets.build("reacher", "expert-mix", size=400))
-    return str(path)
-
-
 @pytest.mark.parametrize("obs", ["all-observant", "independent", "leader-only"])
 def test_ibc_smoke_run_on_reacher(obs, small_reacher_dataset, tmp_path):
     from algos import ibc
