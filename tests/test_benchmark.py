@@ -1,4 +1,4 @@
-"""The grid runner's bookkeeping: recording runs made outside the grid (--add)."""
+"""The benchmark tools' bookkeeping: recording runs made outside the grid (--add), the world-model sweep."""
 
 import csv
 import importlib.util
@@ -54,3 +54,21 @@ def test_add_refuses_unfinished_runs_and_other_tasks(tmp_path):
     ant = fake_run(tmp_path / "ant", 0, [(10, 0.1)])
     with pytest.raises(SystemExit, match="ran task ant, not this table.s task reacher"):
         run.add_runs((str(ant),), "reacher", tmp_path / "t.csv", [])
+
+
+def test_world_model_sweep_appends_one_row_per_config_and_skips_measured_ones(small_reacher_dataset, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("benchmark_wm_sweep", ROOT / "benchmark" / "wm_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sweep
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "wm_sweep.csv"
+    args = sweep.Args(task="reacher", dataset=small_reacher_dataset, configs=["1x16", "2x8"], max_steps=500, out=str(out))
+    sweep.main(args)
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["layers"], r["hidden"]) for r in rows] == [("1", "16"), ("2", "8")]
+    assert all(r["dataset"] == "expert-mix-small" and 0 < int(r["steps"]) <= 500 and float(r["holdout_mse_elites"]) > 0 for r in rows)
+    sweep.main(args)  # measured already: nothing is added
+    assert len(list(csv.DictReader(out.open()))) == 2
+    assert "in " + str(out) + " already" in capsys.readouterr().out
+    with pytest.raises(sweep.envs.UserInputError, match="LAYERSxWIDTH"):
+        sweep.main(sweep.Args(task="reacher", dataset=small_reacher_dataset, configs=["wide"], out=str(out)))
