@@ -163,12 +163,10 @@ class Policies(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, *past: np.ndarray) -> np.ndarray:
-        """Greedy actions of the N agents from their observations [N, O] (and, with memory, their
-        past observations [N, K, O], actions [N, K, A] and mask [K], as envs.evaluate passes them)."""
+        """Greedy actions of the N agents in E episodes from their observations [N, E, O] (and, with memory,
+        their past observations [N, E, K, O], actions [N, E, K, A] and mask [E, K], as envs.evaluate passes them)."""
         device = self.obs_mean.device
-        # a batch of one: [N, 1, ...] per agent, and the mask [1, K]
-        past = [torch.as_tensor(x, device=device).unsqueeze(1 if x.ndim > 1 else 0) for x in past]
-        out = self(torch.as_tensor(obs, device=device).unsqueeze(1), *past).squeeze(1)
+        out = self(*(torch.as_tensor(x, device=device) for x in (obs, *past)))
         return (out.argmax(-1) if self.categorical else torch.tanh(out)).cpu().numpy()
 
 

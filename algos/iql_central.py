@@ -193,10 +193,10 @@ class Policy(nn.Module):
         return self.head.log_prob(self.net(states).float(), actions)  # float32 under --bf16
 
     @torch.no_grad()
-    def act(self, state: np.ndarray) -> np.ndarray:
-        """Greedy joint action of a raw global state [S]: its index, or the simulator's action vector [joint_dim]."""
-        state = (torch.as_tensor(state, device=self.state_mean.device) - self.state_mean) / self.state_std
-        return self.head.greedy(self.net(state.unsqueeze(0)))[0].cpu().numpy()
+    def act(self, states: np.ndarray) -> np.ndarray:
+        """Greedy joint actions of raw global states [E, S]: their indices [E], or the simulator's action vectors [E, joint_dim]."""
+        states = (torch.as_tensor(states, device=self.state_mean.device) - self.state_mean) / self.state_std
+        return self.head.greedy(self.net(states)).cpu().numpy()
 
 
 def main(args: Args) -> dict:
@@ -251,16 +251,16 @@ def main(args: Args) -> dict:
 
     radix_np = radix.cpu().numpy() if categorical else None
 
-    def act(observations: np.ndarray) -> np.ndarray:
-        # Centralized execution, the point of this baseline: the agents' own observations are
-        # ignored and the single controller reads the global state of the environment instead.
-        joint = policy.act(env.state())
+    def act(states: np.ndarray) -> np.ndarray:
+        # Centralized execution, the point of this baseline: one controller reads the global states
+        # [E, S] of the E episodes (envs.evaluate's global_state) instead of the agents' observations.
+        joint = policy.act(states)
         if categorical:
-            return joint // radix_np % env.n_actions  # the joint action's digits, [N]
-        return env.split_actions(joint)  # each agent's part, [N, act_dim]
+            return joint[None] // radix_np[:, None] % env.n_actions  # the joint actions' digits, [N, E]
+        return env.split_actions(joint).swapaxes(0, 1)  # each agent's part, [N, E, act_dim]
 
     def evaluate() -> tuple[float, float]:
-        returns = envs.evaluate(env, act, args.eval_episodes, seed=args.seed)
+        returns = envs.evaluate(env, act, args.eval_episodes, seed=args.seed, global_state=True)
         return float(returns.mean()), data.normalized_score(args.task, returns)
 
     actions_text = f"{n_joint} joint actions" if categorical else f"{joint_dim}-dim joint actions"

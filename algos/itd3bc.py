@@ -187,15 +187,14 @@ class Policies(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, *past: np.ndarray) -> np.ndarray:
-        """Greedy actions [N, A] of the N agents from their raw observations [N, O] (and, with memory,
-        their past observations [N, K, O], actions [N, K, A] and mask [K], as envs.evaluate passes them)."""
+        """Greedy actions [N, E, A] of the N agents in E episodes from their raw observations [N, E, O] (and, with
+        memory, their past observations [N, E, K, O], actions [N, E, K, A] and mask [E, K], as envs.evaluate passes them)."""
         device = self.obs_mean.device
-        # a batch of one: [N, 1, ...] per agent, and the mask [1, K]
-        past = [torch.as_tensor(x, device=device).unsqueeze(1 if x.ndim > 1 else 0) for x in past]
-        obs = (torch.as_tensor(obs, device=device).unsqueeze(1) - self.obs_mean) / self.obs_std
+        past = [torch.as_tensor(x, device=device) for x in past]
+        obs = (torch.as_tensor(obs, device=device) - self.obs_mean) / self.obs_std
         if past:
             past[0] = (past[0] - self.obs_mean.unsqueeze(2)) / self.obs_std.unsqueeze(2)
-        return self(self.features(obs, *past)).squeeze(1).cpu().numpy()
+        return self(self.features(obs, *past)).cpu().numpy()
 
 
 class TwinCritics(nn.Module):

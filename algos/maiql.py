@@ -398,14 +398,14 @@ def main(args: Args) -> dict:
 
     @torch.no_grad()
     def act(obs: np.ndarray, *past: np.ndarray) -> np.ndarray:
-        """Greedy actions of the N agents from their raw observations [N, O] (and, with memory, their past
-        observations [N, K, O], actions [N, K, A] and mask [K], as envs.evaluate passes them)."""
-        x = (torch.as_tensor(obs, device=device).unsqueeze(1) - obs_mean_t) / obs_std_t  # a batch of one: [N, 1, O]
+        """Greedy actions of the N agents in E episodes from their raw observations [N, E, O] (and, with memory,
+        their past observations [N, E, K, O], actions [N, E, K, A] and mask [E, K], as envs.evaluate passes them)."""
+        x = (torch.as_tensor(obs, device=device) - obs_mean_t) / obs_std_t
         if memory is not None:
             past_obs, past_actions, mask = (torch.as_tensor(p, device=device) for p in past)
-            tokens = torch.cat([(past_obs - obs_mean_t) / obs_std_t, past_actions], -1).unsqueeze(1)  # [N, 1, K, O + A]
-            x = torch.cat([x, memory(tokens, mask.unsqueeze(0))], -1)
-        return policy.greedy(x).squeeze(1).cpu().numpy()
+            tokens = torch.cat([(past_obs - obs_mean_t.unsqueeze(2)) / obs_std_t.unsqueeze(2), past_actions], -1)  # [N, E, K, O + A]
+            x = torch.cat([x, memory(tokens, mask)], -1)
+        return policy.greedy(x).cpu().numpy()
 
     def evaluate() -> tuple[float, float]:
         returns = envs.evaluate(env, act, args.eval_episodes, seed=args.seed, memory=args.memory)

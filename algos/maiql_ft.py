@@ -323,8 +323,8 @@ class ReplayBuffer:
             self.history, self.history_mask = column(history, torch.int64), column(mask, torch.bool)  # [C, K]
 
     def normalise_obs(self, obs: torch.Tensor) -> torch.Tensor:
-        """Raw observations [N, B, O] -> normalised."""
-        mean, std = self._obs_stats  # [N, 1, O]
+        """Raw observations [N, B, O] or histories [N, B, K, O] -> normalised."""
+        mean, std = (x.view(x.shape[0], *[1] * (obs.dim() - 2), x.shape[-1]) for x in self._obs_stats)  # [N, 1, (1,) O]
         return (obs - mean) / std
 
     def observe(self, raw_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -510,14 +510,14 @@ def main(args: Args) -> dict:
 
     @torch.no_grad()
     def act(obs: np.ndarray, *past: np.ndarray) -> np.ndarray:
-        """Greedy actions of the N agents from their raw observations [N, O] (and, with memory, their past
-        observations [N, K, O], actions [N, K, A] and mask [K], as envs.evaluate passes them)."""
-        x = replay.normalise_obs(torch.as_tensor(obs, device=device).unsqueeze(1))  # a batch of one: [N, 1, O]
+        """Greedy actions of the N agents in E episodes from their raw observations [N, E, O] (and, with memory,
+        their past observations [N, E, K, O], actions [N, E, K, A] and mask [E, K], as envs.evaluate passes them)."""
+        x = replay.normalise_obs(torch.as_tensor(obs, device=device))
         if memory is not None:
             past_obs, past_actions, mask = (torch.as_tensor(p, device=device) for p in past)
-            tokens = torch.cat([replay.normalise_obs(past_obs), past_actions], -1).unsqueeze(1)  # [N, 1, K, O + A]
-            x = torch.cat([x, memory(tokens, mask.unsqueeze(0))], -1)
-        return policy.greedy(x).squeeze(1).cpu().numpy()
+            tokens = torch.cat([replay.normalise_obs(past_obs), past_actions], -1)  # [N, E, K, O + A]
+            x = torch.cat([x, memory(tokens, mask)], -1)
+        return policy.greedy(x).cpu().numpy()
 
     def evaluate(step: int) -> tuple[float, float]:
         returns = envs.evaluate(env, act, args.eval_episodes, seed=args.seed, memory=args.memory)

@@ -512,12 +512,12 @@ class CategoricalPolicies(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, *past: np.ndarray) -> np.ndarray:
-        """Greedy actions from the agents' observations [N, O] (and their past, as envs.evaluate passes it)."""
+        """Greedy actions [N, E, ...] from the agents' observations [N, E, O] in E episodes (and their past,
+        as envs.evaluate passes it)."""
         device = self.obs_mean.device
-        # a batch of one: [N, 1, ...] per agent, and the mask [1, K]
-        past = [torch.as_tensor(x, device=device).unsqueeze(1 if x.ndim > 1 else 0) for x in past]
-        features = self.features(torch.as_tensor(obs, device=device).unsqueeze(1), *past)
-        return self.greedy(self.distribution(features)).squeeze(1).cpu().numpy()
+        past = [torch.as_tensor(x, device=device) for x in past]
+        features = self.features(torch.as_tensor(obs, device=device), *past)
+        return self.greedy(self.distribution(features)).cpu().numpy()
 
 
 class GaussianPolicies(CategoricalPolicies):

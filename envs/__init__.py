@@ -96,35 +96,54 @@ def partially_observed(env) -> bool:
     return any(not set(range(env.state_dim)) <= set(row) for row in env.obs_index.tolist())
 
 
-def evaluate(env, policy: Callable[..., np.ndarray], episodes: int, seed: int, memory: int = 0) -> np.ndarray:
-    """Run `episodes` episodes with a decentralised policy and return each team return.
+def evaluate(env, policy: Callable[..., np.ndarray], episodes: int, seed: int, memory: int = 0,
+             global_state: bool = False) -> np.ndarray:
+    """Run `episodes` episodes of a team's policy side by side and return each team return.
 
-    `policy` maps the agents' observations [N, obs_dim] to their actions ([N] integers for
-    categorical tasks, [N, act_dim] otherwise). Episode e is reset with seed `seed + e`.
-    With `memory` K > 0 it is called as policy(obs, past_obs, past_actions, mask) with each
-    agent's last K observations [N, K, obs_dim] and actions [N, K, ...] (oldest first) and
-    mask [K], False for the steps before the episode started.
+    Episode e runs in its own copy of `env`, reset with seed `seed + e`, and the policy is called
+    once per time step on the E episodes still running (batched, in the training scripts' layout):
+    policy(obs [N, E, obs_dim]) -> actions [N, E] (categorical) or [N, E, act_dim].
+    With `memory` K > 0 it also gets each agent's last K observations [N, E, K, obs_dim] and
+    actions [N, E, K, ...] (oldest first) and mask [E, K], False for the steps before the
+    episode started. With `global_state` (centralized execution) it gets the global states
+    [E, state_dim] instead of the observations.
     """
+    copies = _evaluation_copies(env, episodes)
+    obs = [stack_observations(copy, copy.reset(seed=seed + e)[0]) for e, copy in enumerate(copies)]
     returns = np.zeros(episodes)
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        if memory:
-            action_shape = () if env.n_actions is not None else (env.act_dim,)
-            past_obs = np.zeros((env.n_agents, memory, env.obs_dim), dtype=np.float32)
-            past_actions = np.zeros((env.n_agents, memory, *action_shape), dtype=np.float32)
-            mask = np.zeros(memory, dtype=bool)
-        while env.agents:
-            stacked = stack_observations(env, obs)
-            if memory:
-                actions = policy(stacked, past_obs, past_actions, mask)
-                # shift the window by one step and append this step (oldest first)
-                past_obs, past_actions, mask = np.roll(past_obs, -1, 1), np.roll(past_actions, -1, 1), np.roll(mask, -1)
-                past_obs[:, -1], past_actions[:, -1], mask[-1] = stacked, actions, True
-            else:
-                actions = policy(stacked)
-            obs, rewards, _, _, _ = env.step({a: actions[i] for i, a in enumerate(env.possible_agents)})
-            returns[episode] += rewards[env.possible_agents[0]]  # the reward is shared
+    if memory:
+        action_shape = () if env.n_actions is not None else (env.act_dim,)
+        past_obs = np.zeros((env.n_agents, episodes, memory, env.obs_dim), dtype=np.float32)
+        past_actions = np.zeros((env.n_agents, episodes, memory, *action_shape), dtype=np.float32)
+        mask = np.zeros((episodes, memory), dtype=bool)
+    running = np.arange(episodes)
+    while len(running):
+        stacked = np.stack([obs[e] for e in running], 1)  # [N, E, O]
+        if global_state:
+            actions = policy(np.stack([copies[e].state() for e in running]))
+        elif memory:
+            actions = policy(stacked, past_obs[:, running], past_actions[:, running], mask[running])
+            # shift each window by one step and append this one (oldest first)
+            past_obs[:, running] = np.concatenate([past_obs[:, running, 1:], stacked[:, :, None]], 2)
+            past_actions[:, running] = np.concatenate([past_actions[:, running, 1:], actions[:, :, None]], 2)
+            mask[running] = np.concatenate([mask[running, 1:], np.ones((len(running), 1), dtype=bool)], 1)
+        else:
+            actions = policy(stacked)
+        for j, e in enumerate(running):
+            step_obs, rewards, _, _, _ = copies[e].step({a: actions[i, j] for i, a in enumerate(env.possible_agents)})
+            returns[e] += rewards[env.possible_agents[0]]  # the reward is shared
+            if copies[e].agents:
+                obs[e] = stack_observations(env, step_obs)
+        running = np.array([e for e in running if copies[e].agents], dtype=np.int64)
     return returns
+
+
+def _evaluation_copies(env, count: int) -> list:
+    """`env` and count - 1 more environments of its task and observation setting, made once and kept on `env`."""
+    copies = env.__dict__.setdefault("_evaluation_copies", [env])
+    while len(copies) < count:
+        copies.append(make(env.task, env.obs_setting))
+    return copies[:count]
 
 
 class Simulators:

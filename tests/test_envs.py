@@ -73,7 +73,39 @@ def test_unknown_task_and_setting():
 
 def test_evaluate_returns_team_returns():
     env = envs.make("coordination")
-    always_right = lambda obs: np.ones(env.n_agents, dtype=np.int64)  # noqa: E731
-    opposite = lambda obs: np.arange(env.n_agents)  # noqa: E731
+    always_right = lambda obs: np.ones(obs.shape[:2], dtype=np.int64)  # noqa: E731, obs [N, E, O] -> [N, E]
+    opposite = lambda obs: np.arange(env.n_agents)[:, None].repeat(obs.shape[1], 1)  # noqa: E731
     np.testing.assert_array_equal(envs.evaluate(env, always_right, 3, seed=0), [10, 10, 10])
     np.testing.assert_array_equal(envs.evaluate(env, opposite, 2, seed=0), [0, 0])
+
+
+class Countdown:
+    """A one-agent task whose episode reset with seed s lasts s % 3 + 1 steps, rewarding each action."""
+
+    n_agents, obs_dim, n_actions, act_dim = 1, 1, 2, 1
+    possible_agents = ["agent_0"]
+    obs_dims = (1,)
+
+    def reset(self, seed=None, options=None):
+        self.left, self.agents = seed % 3 + 1, ["agent_0"]
+        return {"agent_0": np.array([self.left], dtype=np.float32)}, {}
+
+    def step(self, actions):
+        self.left -= 1
+        if not self.left:
+            self.agents = []
+        return {"agent_0": np.array([self.left], dtype=np.float32)}, {"agent_0": float(actions["agent_0"])}, {}, {}, {}
+
+
+def test_evaluate_runs_episodes_of_different_lengths_side_by_side(monkeypatch):
+    monkeypatch.setitem(envs.TASKS, "countdown", (("fo",), "fo", lambda obs: Countdown()))
+    env = envs.make("countdown")
+    batches = []
+
+    def policy(obs, past_obs, past_actions, mask):
+        batches.append(obs[0, :, 0].tolist())  # steps left in each running episode
+        return np.ones(obs.shape[:2], dtype=np.int64) * (1 + np.arange(obs.shape[1]))  # a different action per slot
+
+    returns = envs.evaluate(env, policy, episodes=5, seed=0, memory=2)  # lengths 1, 2, 3, 1, 2
+    assert batches == [[1, 2, 3, 1, 2], [1, 2, 1], [1]]  # finished episodes leave the batch
+    np.testing.assert_array_equal(returns, [1, 2 + 1, 3 + 2 + 1, 4, 5 + 3])

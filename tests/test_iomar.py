@@ -128,11 +128,13 @@ def test_act_normalises_like_training():
     n, o, k = env.n_agents, env.obs_dim, 10
     obs_mean, obs_std = np.random.randn(n, o).astype(np.float32), np.random.rand(n, o).astype(np.float32) + 0.5
     policy = iomar.Policies(env, 16, obs_mean, obs_std, memory=k, memory_dim=8)
-    obs, past_obs = np.random.randn(n, o).astype(np.float32), np.random.randn(n, k, o).astype(np.float32)
-    past_actions, mask = np.random.rand(n, k, env.act_dim).astype(np.float32), np.arange(k) >= 4
+    e = 3  # episodes side by side, as envs.evaluate passes them
+    obs, past_obs = np.random.randn(n, e, o).astype(np.float32), np.random.randn(n, e, k, o).astype(np.float32)
+    past_actions = np.random.rand(n, e, k, env.act_dim).astype(np.float32)
+    mask = np.arange(k)[None] >= np.array([[4], [0], [9]])  # [E, K]: 6, 10 and 1 steps of past
     acted = policy.act(obs, past_obs, past_actions, mask)
-    obs_n = torch.as_tensor((obs - obs_mean) / obs_std).unsqueeze(1)  # [N, 1, O]
-    past_n = torch.as_tensor((past_obs - obs_mean[:, None]) / obs_std[:, None]).unsqueeze(1)  # [N, 1, K, O]
-    features = policy.features(obs_n, past_n, torch.as_tensor(past_actions).unsqueeze(1), torch.as_tensor(mask)[None])
-    assert acted.shape == (n, env.act_dim)
-    assert np.allclose(acted, policy(features).squeeze(1).detach().numpy(), atol=1e-6)
+    obs_n = torch.as_tensor((obs - obs_mean[:, None]) / obs_std[:, None])  # [N, E, O]
+    past_n = torch.as_tensor((past_obs - obs_mean[:, None, None]) / obs_std[:, None, None])  # [N, E, K, O]
+    features = policy.features(obs_n, past_n, torch.as_tensor(past_actions), torch.as_tensor(mask))
+    assert acted.shape == (n, e, env.act_dim)
+    assert np.allclose(acted, policy(features).detach().numpy(), atol=1e-6)

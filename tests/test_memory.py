@@ -38,20 +38,21 @@ def test_evaluate_passes_each_agent_its_own_past():
     env = envs.make("reacher", "independent")
     seen = []
 
-    def policy(obs, past_obs, past_actions, mask):
+    def policy(obs, past_obs, past_actions, mask):  # [N, E, ...]: both episodes at once
         seen.append((obs.copy(), past_obs.copy(), past_actions.copy(), mask.copy()))
-        return np.full((2, 1), 0.1 * len(seen), dtype=np.float32)
+        return np.full((2, 2, 1), 0.1 * len(seen), dtype=np.float32) + np.array([0.0, 0.01])[None, :, None]
 
     envs.evaluate(env, policy, episodes=2, seed=0, memory=3)
-    assert len(seen) == 100  # two 50-step episodes
-    assert not seen[0][3].any() and not seen[50][3].any()  # each episode starts with an empty past
+    assert len(seen) == 50  # two 50-step episodes side by side
+    assert seen[0][3].shape == (2, 3) and not seen[0][3].any()  # each episode starts with an empty past
+    assert seen[1][3].tolist() == [[False, False, True]] * 2
+    np.testing.assert_array_equal(seen[1][1][:, :, -1], seen[0][0])
     obs, past_obs, past_actions, mask = seen[4]
     assert mask.all()
     for k in range(3):  # oldest first: steps 1, 2, 3
-        np.testing.assert_array_equal(past_obs[:, k], seen[1 + k][0])
-        np.testing.assert_allclose(past_actions[:, k, 0], 0.1 * (2 + k), rtol=1e-6)
-    assert seen[51][3].tolist() == [False, False, True]
-    np.testing.assert_array_equal(seen[51][1][:, -1], seen[50][0])
+        np.testing.assert_array_equal(past_obs[:, :, k], seen[1 + k][0])
+        np.testing.assert_allclose(past_actions[:, :, k, 0], [[0.1 * (2 + k), 0.1 * (2 + k) + 0.01]] * 2, rtol=1e-6)
+    assert not np.array_equal(seen[0][0][:, 0], seen[0][0][:, 1])  # episode e is reset with seed + e
 
 
 @pytest.mark.parametrize("script", SCRIPTS_WITH_MEMORY)
