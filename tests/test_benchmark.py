@@ -1,4 +1,4 @@
-"""The benchmark tools' bookkeeping: recording runs made outside the grid (--add), the world-model sweep."""
+"""The benchmark tools: recording runs made outside the grid (--add), the world-model sweep, the rollout diagnosis."""
 
 import csv
 import importlib.util
@@ -72,3 +72,21 @@ def test_world_model_sweep_appends_one_row_per_config_and_skips_measured_ones(sm
     assert "in " + str(out) + " already" in capsys.readouterr().out
     with pytest.raises(sweep.envs.UserInputError, match="LAYERSxWIDTH"):
         sweep.main(sweep.Args(task="reacher", dataset=small_reacher_dataset, configs=["wide"], out=str(out)))
+
+
+def test_rollout_diagnosis_compares_model_and_simulator(small_reacher_dataset, tmp_path, capsys):
+    from algos import moma_ppo
+
+    moma_ppo.main(moma_ppo.Args(task="reacher", obs="independent", dataset=small_reacher_dataset, total_steps=1, wm_max_steps=50,
+                                wm_eval_every=25, rollout_batch=20, minibatch_size=100, eval_episodes=1, runs_dir=str(tmp_path)))  # fmt: skip
+    (run_dir,) = tmp_path.glob("*__*")
+    spec = importlib.util.spec_from_file_location("benchmark_rollout_diagnosis", ROOT / "benchmark" / "rollout_diagnosis.py")
+    diagnosis = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = diagnosis
+    spec.loader.exec_module(diagnosis)
+    capsys.readouterr()
+    diagnosis.main(diagnosis.Args(run=str(run_dir), starts=6, model_steps=3, sim_steps=20))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("reward per step over 3 steps: world model ")
+    assert len(lines[2].split()) == 1 + 3 and len(lines[3].split()) == 1 + 3  # "model:" / "simulator:" and 3 rewards
+    assert [x.split(":")[0] for x in lines[5].split()] == ["0", "10"]  # 20 steps, a mean every 10

@@ -1,0 +1,114 @@
+"""Where a MOMA-PPO policy's score is lost: in the world model, or over the long run in the simulator.
+
+    python benchmark/rollout_diagnosis.py runs/ant-po-medium__moma_ppo__0__<time>
+
+From `--starts` dataset states (with their dataset histories under partial observability, as in
+training) the run's greedy agents act for:
+1. `--model-steps` steps in the run's world model and, from the same states, in the simulator:
+   the mean reward per step of each (does the model credit what the simulator pays?);
+2. `--sim-steps` steps in the simulator: the mean reward per step every 10 steps and, on ant, how
+   far the torso has turned from its start heading (mean |change of yaw|), since ant's reward is
+   the velocity along x.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import envs  # noqa: E402
+from algos import moma_ppo  # noqa: E402
+
+
+@dataclass
+class Args:
+    run: tyro.conf.Positional[str]
+    """a MOMA-PPO run folder (or its model.pt)"""
+    starts: int = 500
+    """dataset states to start from"""
+    model_steps: int = 10
+    """steps of the model-vs-simulator comparison (training's rollout length by default)"""
+    sim_steps: int = 200
+    """steps of the long simulator rollouts"""
+    seed: int = 0
+    """seed of the start states and of the world model's sampling"""
+    threads: int | None = 1
+    """torch CPU threads (None: torch's choice)"""
+
+
+def yaw(states: torch.Tensor) -> torch.Tensor:
+    """Ant's heading from the torso quaternion (w, x, y, z) at state[1:5]."""
+    w, x, y, z = states[:, 1], states[:, 2], states[:, 3], states[:, 4]
+    return torch.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+
+
+def main(args: Args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, checkpoint = moma_ppo.load_checkpoint(args.run)
+    run_args = moma_ppo.Args(**{k: v for k, v in checkpoint["args"].items() if k in moma_ppo.Args.__dataclass_fields__})
+    env = envs.make(run_args.task, run_args.obs)
+    if env.n_actions is not None:
+        raise envs.UserInputError("the diagnosis is for the MuJoCo tasks (reacher, ant)")
+    dataset = data.load(env, run_args.dataset)
+    n, o = env.n_agents, env.obs_dim
+    policies = moma_ppo.GaussianPolicies(env, run_args.hidden, np.zeros((n, o)), np.ones((n, o)), run_args.memory, run_args.memory_dim)
+    policies.load_state_dict(checkpoint["policies"])  # the normalisation statistics come with the weights
+    world_model = moma_ppo.load_world_model(checkpoint["world_model"], env.state_dim, n * env.act_dim, torch.device("cpu"))
+
+    generator = torch.Generator().manual_seed(args.seed)
+    starts = torch.randint(len(dataset), (args.starts,), generator=generator)
+    start_states = torch.as_tensor(dataset.states)[starts]
+    start_past = ()
+    if run_args.memory:
+        rows, mask = data.history_index(torch.as_tensor(dataset.episode_first())[starts], starts, run_args.memory)
+        start_past = tuple(torch.as_tensor(x).transpose(0, 1)[:, rows] for x in (dataset.observations, dataset.actions)) + (mask,)
+    simulators = envs.Simulators(run_args.task, args.starts, seed=args.seed)
+
+    @torch.no_grad()
+    def rollout(steps: int, in_model: bool) -> tuple[list[float], list[float]]:
+        """Mean reward per step over the rollouts still alive, and the mean |yaw change| (ant)."""
+        states, past, alive = start_states.clone(), start_past, torch.ones(args.starts)
+        rewards, turns = [], []
+        for _ in range(steps):
+            obs = env.observe(states).transpose(0, 1)  # [N, B, O]
+            actions = policies.distribution(policies.features(obs, *past)).mean
+            if in_model:
+                next_states, reward, terminal, *_ = world_model.step(states, policies.encode(actions.transpose(0, 1)), generator)
+            else:
+                joint = actions.transpose(0, 1).clamp(-1, 1).numpy()
+                next_states, reward, terminal = (torch.as_tensor(x) for x in simulators.step(states.numpy(), joint))
+            rewards.append(((reward * alive).sum() / alive.sum().clamp(min=1)).item())
+            alive = alive * (1 - terminal.float())
+            past = moma_ppo.extend_history(past, obs, actions)
+            states = next_states.float()
+            if run_args.task == "ant":
+                turns.append(((yaw(states) - yaw(start_states) + np.pi) % (2 * np.pi) - np.pi).abs().mean().item())
+        return rewards, turns
+
+    print(f"{Path(args.run).name}: {args.starts} starts, greedy agents")
+    model_rewards, _ = rollout(args.model_steps, in_model=True)
+    sim_rewards, _ = rollout(args.model_steps, in_model=False)
+    print(f"reward per step over {args.model_steps} steps: world model {np.mean(model_rewards):.2f}, simulator {np.mean(sim_rewards):.2f}")
+    print("  model:    ", " ".join(f"{r:.2f}" for r in model_rewards))
+    print("  simulator:", " ".join(f"{r:.2f}" for r in sim_rewards))
+    long_rewards, turns = rollout(args.sim_steps, in_model=False)
+    print(f"simulator, {args.sim_steps} steps, reward per step from step t (t: mean over the next 10):")
+    print("  " + " ".join(f"{t}:{np.mean(long_rewards[t:t + 10]):.2f}" for t in range(0, args.sim_steps, 10)))
+    if turns:
+        print("  mean |yaw change| (rad) after t steps: " + " ".join(f"{t}:{turns[t - 1]:.2f}" for t in range(20, args.sim_steps + 1, 20)))
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except envs.UserInputError as error:
+        sys.exit(f"error: {error}")
