@@ -680,17 +680,21 @@ def load_checkpoint(resume: str) -> tuple[Path, dict]:
     return path.parent, torch.load(path, map_location="cpu", weights_only=False)
 
 
+def saved_args(checkpoint: dict) -> Args:
+    """A checkpoint's settings, without (and printing) those a later version of this script dropped."""
+    known = {f.name for f in fields(Args)}
+    dropped = {k: v for k, v in checkpoint["args"].items() if k not in known}
+    if dropped:
+        print(f"ignoring saved settings this version does not have: {dropped}")
+    return Args(**{k: v for k, v in checkpoint["args"].items() if k in known})
+
+
 def main(args: Args) -> dict:
     checkpoint = None
     if args.resume:  # the saved settings, except a new budget
         run_dir, checkpoint = load_checkpoint(args.resume)
         total_steps, resume = args.total_steps, args.resume
-        saved = checkpoint["args"]
-        known = {f.name for f in fields(Args)}
-        dropped = {k: v for k, v in saved.items() if k not in known}
-        if dropped:  # a flag from another version of this script
-            print(f"resume: ignoring settings this version does not have: {dropped}")
-        args = Args(**{k: v for k, v in saved.items() if k in known})
+        args = saved_args(checkpoint)
         args.total_steps, args.resume = total_steps or args.total_steps, resume
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, key) is None:

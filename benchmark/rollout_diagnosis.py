@@ -54,7 +54,7 @@ def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     _, checkpoint = moma_ppo.load_checkpoint(args.run)
-    run_args = moma_ppo.Args(**{k: v for k, v in checkpoint["args"].items() if k in moma_ppo.Args.__dataclass_fields__})
+    run_args = moma_ppo.saved_args(checkpoint)
     env = envs.make(run_args.task, run_args.obs)
     if env.n_actions is not None:
         raise envs.UserInputError("the diagnosis is for the MuJoCo tasks (reacher, ant)")

@@ -210,7 +210,7 @@ def test_resume_continues_where_it_stopped(tmp_path, capsys):
     capsys.readouterr()
     result = moma_ppo.main(moma_ppo.Args(resume=str(split_dir), total_steps=4))
     printed = capsys.readouterr().out
-    assert "ignoring settings this version does not have: {'retired_flag': False}" in printed
+    assert "ignoring saved settings this version does not have: {'retired_flag': False}" in printed
     assert printed.count(split_dir.name) >= 1  # the resumed run names the folder it continues
     assert result["total_steps"] == 4
     (whole_dir,) = (tmp_path / "whole").glob("*__*")
