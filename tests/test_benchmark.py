@@ -9,10 +9,17 @@ import pytest
 from conftest import ROOT
 from torch.utils.tensorboard import SummaryWriter
 
-spec = importlib.util.spec_from_file_location("benchmark_run", ROOT / "benchmark" / "run.py")
-run = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = run  # its dataclasses look their module up there
-spec.loader.exec_module(run)
+
+def load_benchmark(name: str):
+    """benchmark/NAME.py as a module (benchmark/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmark" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+run = load_benchmark("run")
 
 
 def fake_run(folder, seed, scores):
@@ -57,10 +64,7 @@ def test_add_refuses_unfinished_runs_and_other_tasks(tmp_path):
 
 
 def test_world_model_sweep_appends_one_row_per_config_and_skips_measured_ones(small_reacher_dataset, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("benchmark_wm_sweep", ROOT / "benchmark" / "wm_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = sweep
-    spec.loader.exec_module(sweep)
+    sweep = load_benchmark("wm_sweep")
     out = tmp_path / "wm_sweep.csv"
     args = sweep.Args(task="reacher", dataset=small_reacher_dataset, configs=["1x16", "2x8"], max_steps=500, out=str(out))
     sweep.main(args)
@@ -80,10 +84,7 @@ def test_rollout_diagnosis_compares_model_and_simulator(small_reacher_dataset, t
     moma_ppo.main(moma_ppo.Args(task="reacher", obs="independent", dataset=small_reacher_dataset, total_steps=1, wm_max_steps=50,
                                 wm_eval_every=25, rollout_batch=20, minibatch_size=100, eval_episodes=1, runs_dir=str(tmp_path)))  # fmt: skip
     (run_dir,) = tmp_path.glob("*__*")
-    spec = importlib.util.spec_from_file_location("benchmark_rollout_diagnosis", ROOT / "benchmark" / "rollout_diagnosis.py")
-    diagnosis = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = diagnosis
-    spec.loader.exec_module(diagnosis)
+    diagnosis = load_benchmark("rollout_diagnosis")
     capsys.readouterr()
     diagnosis.main(diagnosis.Args(run=str(run_dir), starts=6, model_steps=3, sim_steps=20))
     lines = capsys.readouterr().out.splitlines()
