@@ -119,7 +119,7 @@ class Args:
     measured in float32) (default: per task)"""
     world_model: str | None = None
     """a saved world model to use instead of training one (default: the cached one for this dataset and these
-    wm_* settings, in {runs_dir}/world_models/, trained and saved there on first use)"""
+    wm_* settings, in {runs_dir}/world_models/ or runs/world_models/, trained and saved in the former on first use)"""
     ground_truth_model: bool = False
     """roll out through the real simulator from dataset states instead of a learned model (MOMA-PPO-gt, Table 5):
     no uncertainty, so no penalty and no adaptive time-out"""
@@ -396,7 +396,11 @@ def cached_world_model_path(args, dataset) -> Path:
         digest.update(np.ascontiguousarray(x).tobytes())
     settings = {key: value for key, value in asdict(args).items() if key.startswith("wm_")}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    return Path(args.runs_dir) / "world_models" / f"{args.task}-{Path(args.dataset).stem}-{digest.hexdigest()[:12]}.pt"
+    name = f"{args.task}-{Path(args.dataset).stem}-{digest.hexdigest()[:12]}.pt"
+    path, default_path = Path(args.runs_dir) / "world_models" / name, Path(Args.runs_dir) / "world_models" / name
+    # a run in another --runs-dir (variants, sweeps) reuses the model cached under the default one
+    # rather than silently spending minutes on training an identical one
+    return default_path if not path.exists() and default_path.exists() else path
 
 
 def save_world_model(model: WorldModel, path: Path) -> None:

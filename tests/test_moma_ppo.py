@@ -194,6 +194,23 @@ def test_world_model_is_cached_and_reused_with_the_same_result(tmp_path, capsys)
         moma_ppo.main(moma_ppo.Args(**{**args, "task": "reacher", "dataset": str(tmp_path / "reacher.npz"), "world_model": str(cached)}))
 
 
+def test_a_run_in_another_runs_dir_reuses_the_model_cached_under_the_default_one(tmp_path, monkeypatch):
+    import data
+
+    monkeypatch.chdir(tmp_path)  # the default --runs-dir, "runs", is relative to the working directory
+    args = moma_ppo.Args(task="coordination", dataset="unfavorable", runs_dir="elsewhere")
+    dataset = data.load(envs.make("coordination"), "unfavorable")
+    own = moma_ppo.cached_world_model_path(args, dataset)
+    assert own.parent.as_posix() == "elsewhere/world_models"  # nothing cached anywhere: train into its own
+    default = own.parents[2] / "runs" / "world_models" / own.name
+    default.parent.mkdir(parents=True)
+    default.touch()
+    assert moma_ppo.cached_world_model_path(args, dataset) == default
+    own.parent.mkdir(parents=True)
+    own.touch()
+    assert moma_ppo.cached_world_model_path(args, dataset) == own  # its own cache comes first
+
+
 TINY_COORDINATION = dict(dataset="unfavorable", wm_max_steps=50, wm_eval_every=25, rollout_batch=20, minibatch_size=100,
                          eval_episodes=2)  # fmt: skip
 
