@@ -418,6 +418,8 @@ def main(args: Args) -> None:
                     f"{result['normalized_score']:.3f} ({result['wall_seconds']:.1f}s, {time.time() - start:.0f}s elapsed)",
                     flush=True,
                 )
+    # read the CSV again: a grid running beside this one may have added rows since this one started
+    rows = [r for r in read_rows(csv_path) if r["task"] == spec["task"]]
     print(write_tables(args.table, rows))
 
 
