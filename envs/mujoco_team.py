@@ -3,16 +3,20 @@
 The global state is the single-agent Gymnasium observation. Each agent observes a
 selection of its components (`obs_index`, one row per agent, -1 for padding) and
 sends the actions of its own actuators (`actuators`, one row per agent). Subclasses
-(envs/reacher.py, envs/ant.py); not named mujoco.py, which would shadow the mujoco package give the Gymnasium id, the tables and `_set_sim_state`.
+(envs/reacher.py, envs/ant.py) give the Gymnasium id, the tables and `_set_sim_state`.
+The module is not named mujoco.py, which would shadow the mujoco package.
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import functools
 import os
 
-if "DISPLAY" not in os.environ:  # headless: render offscreen with EGL unless told otherwise
-    os.environ.setdefault("MUJOCO_GL", "egl")
+if "DISPLAY" not in os.environ and "MUJOCO_GL" not in os.environ:
+    # headless: render offscreen with EGL. Without libEGL, `import mujoco` itself fails under
+    # MUJOCO_GL=egl (seen on a GPU server), so rendering is switched off there; training never renders.
+    os.environ["MUJOCO_GL"] = "egl" if ctypes.util.find_library("EGL") else "disable"
 
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402

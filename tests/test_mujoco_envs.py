@@ -1,5 +1,6 @@
 """Two-agent Reacher and four-agent Ant: observation functions, action assembly, state setting."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,19 @@ def test_rgb_array_rendering(task):
         pytest.skip("no OpenGL for offscreen rendering here (set MUJOCO_GL)")
     assert out.returncode == 0, out.stderr[-2000:]
 
+
+
+def test_headless_machines_without_egl_still_import_and_step():
+    # MUJOCO_GL=egl without libEGL makes `import mujoco` itself fail; pretend libEGL is missing
+    code = (
+        "import ctypes.util; ctypes.util.find_library = lambda name: None\n"
+        "import os; os.environ.pop('DISPLAY', None); os.environ.pop('MUJOCO_GL', None)\n"
+        "import envs; env = envs.make('ant'); env.reset(seed=0)\n"
+        "assert os.environ['MUJOCO_GL'] == 'disable', os.environ['MUJOCO_GL']\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "MUJOCO_GL")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 @pytest.mark.parametrize("task", ["coordination", "reacher", "ant"])
 def test_simulators_step_from_given_states_like_an_episode(task):
