@@ -182,6 +182,10 @@ class Args:
     distributions, values and losses stay float32 (default: per task)"""
 
 
+# Where runs with the default --runs-dir cache their world models; runs elsewhere look here too
+# (None: only under their own --runs-dir, as benchmark/speed.py --retrain needs).
+SHARED_WORLD_MODELS: Path | None = Path(Args.runs_dir) / "world_models"
+
 # Defaults that depend on the task, used for every field left at None.
 TASK_DEFAULTS = {
     # Two actions and a 1-d state: small networks suffice, and a larger learning rate than
@@ -397,10 +401,11 @@ def cached_world_model_path(args, dataset) -> Path:
     settings = {key: value for key, value in asdict(args).items() if key.startswith("wm_")}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     name = f"{args.task}-{Path(args.dataset).stem}-{digest.hexdigest()[:12]}.pt"
-    path, default_path = Path(args.runs_dir) / "world_models" / name, Path(Args.runs_dir) / "world_models" / name
+    path = Path(args.runs_dir) / "world_models" / name
     # a run in another --runs-dir (variants, sweeps) reuses the model cached under the default one
     # rather than silently spending minutes on training an identical one
-    return default_path if not path.exists() and default_path.exists() else path
+    shared = SHARED_WORLD_MODELS / name if SHARED_WORLD_MODELS else None
+    return shared if not path.exists() and shared and shared.exists() else path
 
 
 def save_world_model(model: WorldModel, path: Path) -> None:

@@ -56,6 +56,7 @@ def main(args: Args) -> None:
     )  # fmt: skip
     if args.retrain:  # a fresh cache folder for this measurement, so the shared cached model is not replaced
         run_args.runs_dir = str(Path(args.runs_dir) / f"speed-{int(time.time())}")
+        moma_ppo.SHARED_WORLD_MODELS = None  # nor loaded from there
     result = moma_ppo.main(run_args)
     info = torch.load(result["world_model"], map_location="cpu", weights_only=False)["info"]
     errors = ", ".join(f"{e:.3g}" for e in info["holdout_mse"])

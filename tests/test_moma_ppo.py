@@ -210,6 +210,9 @@ def test_a_run_in_another_runs_dir_reuses_the_model_cached_under_the_default_one
     own.parent.mkdir(parents=True)
     own.touch()
     assert moma_ppo.cached_world_model_path(args, dataset) == own  # its own cache comes first
+    own.unlink()
+    monkeypatch.setattr(moma_ppo, "SHARED_WORLD_MODELS", None)  # as benchmark/speed.py --retrain sets it
+    assert moma_ppo.cached_world_model_path(args, dataset) == own
 
 
 TINY_COORDINATION = dict(dataset="unfavorable", wm_max_steps=50, wm_eval_every=25, rollout_batch=20, minibatch_size=100,
