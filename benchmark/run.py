@@ -206,7 +206,18 @@ def summary_table(table: str, rows: list[dict]) -> str:
         lines.append(f"| {row_title} | " + " | ".join(cells) + " |")
     seconds = sum(float(r["wall_seconds"]) for r in shown)
     kind = lambda obs: "FO" if obs in ("fo", "all-observant") else "PO"  # noqa: E731
-    budgets = ", ".join(sorted({f"{r['algo']} {int(r['total_steps']):,} ({kind(r.get('obs') or 'fo')})" for r in shown}))
+    # One budget per algorithm and FO/PO; where the settings within it differ, each is named.
+    steps_by_group = {}
+    for r in shown:
+        obs = r.get("obs") or "fo"
+        steps_by_group.setdefault((r["algo"], kind(obs)), {})[obs] = int(r["total_steps"])
+    budget_parts = []
+    for (algo, group), by_obs in sorted(steps_by_group.items()):
+        if len(set(by_obs.values())) == 1:
+            budget_parts.append(f"{algo} {next(iter(by_obs.values())):,} ({group})")
+        else:
+            budget_parts += [f"{algo} {steps:,} ({group} {obs})" for obs, steps in sorted(by_obs.items())]
+    budgets = ", ".join(budget_parts)
     lines.append("")
     lines.append(
         f"Ours in bold: mean ± standard error over seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} seeds) of the normalized "
