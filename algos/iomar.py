@@ -323,7 +323,7 @@ def main(args: Args) -> dict:
     if args.cql_alpha is None:  # the paper tuned it on ant expert only
         args.cql_alpha = 5.0 if (args.task, args.dataset) == ("ant", "expert") else 1.0
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__iomar__{args.seed}__{int(start_time)}"
-    run_dir = Path(args.runs_dir) / run_name
+    run_dir = data.new_run_dir(args.runs_dir, run_name)
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
@@ -366,7 +366,7 @@ def main(args: Args) -> dict:
         returns = envs.evaluate(env, policy.act, args.eval_episodes, seed=args.seed, memory=args.memory)
         return float(returns.mean()), data.normalized_score(args.task, returns)
 
-    print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
+    print(f"{run_dir.name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
     actor_loss = rectification = search_wins = torch.tensor(float("nan"))  # logged before the first actor step
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
     # runs without autocast)
@@ -456,6 +456,7 @@ def main(args: Args) -> dict:
         "task": args.task, "obs": env.obs_setting, "dataset": args.dataset, "algo": "iomar", "seed": args.seed,
         "normalized_score": score, "return": ret, "eval_episodes": args.eval_episodes,
         "total_steps": args.total_steps, "wall_seconds": time.time() - start_time, "device": str(device),
+        "run_dir": str(run_dir),
     }  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     print(f"return {ret:.3f}, results in {run_dir}")

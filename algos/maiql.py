@@ -296,7 +296,7 @@ def main(args: Args) -> dict:
     if args.memory and categorical:
         raise envs.UserInputError("--memory needs continuous actions (the coordination game is fully observed): use --memory 0")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__maiql__{args.seed}__{int(start_time)}"
-    run_dir = Path(args.runs_dir) / run_name
+    run_dir = data.new_run_dir(args.runs_dir, run_name)
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
@@ -411,7 +411,7 @@ def main(args: Args) -> dict:
         returns = envs.evaluate(env, act, args.eval_episodes, seed=args.seed, memory=args.memory)
         return float(returns.mean()), data.normalized_score(args.task, returns)
 
-    print(f"{run_name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
+    print(f"{run_dir.name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
     # runs without autocast)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -459,6 +459,7 @@ def main(args: Args) -> dict:
         "task": args.task, "obs": env.obs_setting, "dataset": args.dataset, "algo": "maiql", "seed": args.seed,
         "normalized_score": score, "return": ret, "eval_episodes": args.eval_episodes,
         "total_steps": args.total_steps, "wall_seconds": time.time() - start_time, "device": str(device),
+        "run_dir": str(run_dir),
     }  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     print(f"return {ret:.3f}, results in {run_dir}")

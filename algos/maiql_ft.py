@@ -431,7 +431,7 @@ def main(args: Args) -> dict:
     if args.online_transitions is None:  # no fine-tuning, no online rows to make room for
         args.online_transitions = len(dataset) if args.finetune_fraction > 0 else 0
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__maiql_ft__{args.seed}__{int(start_time)}"
-    run_dir = Path(args.runs_dir) / run_name
+    run_dir = data.new_run_dir(args.runs_dir, run_name)
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
@@ -528,7 +528,7 @@ def main(args: Args) -> dict:
 
     offline_steps = args.total_steps - round(args.finetune_fraction * args.total_steps)
     finetune_steps = args.total_steps - offline_steps
-    print(f"{run_name}: {T} transitions, {offline_steps} offline then {finetune_steps} fine-tuning steps "
+    print(f"{run_dir.name}: {T} transitions, {offline_steps} offline then {finetune_steps} fine-tuning steps "
           f"({args.online_transitions} simulator transitions) on {device}", flush=True)  # fmt: skip
     offline_score = None
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
@@ -583,6 +583,7 @@ def main(args: Args) -> dict:
         "normalized_score": score, "return": ret, "offline_normalized_score": offline_score,
         "eval_episodes": args.eval_episodes, "total_steps": args.total_steps, "wall_seconds": time.time() - start_time,
         "device": str(device),
+        "run_dir": str(run_dir),
     }  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     print(f"return {ret:.3f}, results in {run_dir}")

@@ -717,7 +717,7 @@ def main(args: Args) -> dict:
         raise envs.UserInputError(f"unknown --penalty '{args.penalty}'; choose epistemic or aleatoric")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__moma_ppo__{args.seed}__{int(start_time)}"
     if checkpoint is None:
-        run_dir = Path(args.runs_dir) / run_name
+        run_dir = data.new_run_dir(args.runs_dir, run_name)
     writer = SummaryWriter(str(run_dir))  # a resumed run appends to its own logs
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
@@ -924,6 +924,7 @@ def main(args: Args) -> dict:
         "normalized_score": score, "return": ret, "eval_episodes": args.eval_episodes,
         "total_steps": args.total_steps, "wall_seconds": wall_seconds(), "device": str(device),
         "world_model": str(wm_path), "synthetic_per_second": (args.total_steps - start_step) * k * b / (ppo_end - ppo_start),
+        "run_dir": str(run_dir),
     }  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     print(f"return {ret:.3f}, results in {run_dir}")

@@ -153,9 +153,7 @@ def run_one(job: tuple[str, list[str]]) -> dict:
     module = _modules[script]
     with contextlib.redirect_stdout(io.StringIO()):
         result = module.main(tyro.cli(module.Args, args=argv))
-    pattern = f"{result['task']}-{result['obs']}-{Path(result['dataset']).stem}__{result['algo']}__{result['seed']}__*"
-    run_dir = max(Path("runs").glob(pattern), key=lambda d: d.stat().st_mtime)  # the newest: the one just finished
-    result["curve"] = learning_curve(run_dir)
+    result["curve"] = learning_curve(Path(result["run_dir"]))
     return result
 
 

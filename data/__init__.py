@@ -1,4 +1,5 @@
-"""Offline datasets: building, caching, loading, validating, and score normalisation.
+"""Offline datasets: building, caching, loading, validating, and score normalisation (and the
+folders runs write their results to).
 
 On disk a dataset uses D4RL's layout (so real D4RL files load the same way): a
 single-agent view with `observations` (the global state), `actions` (the joint action),
@@ -241,3 +242,18 @@ def normalized_score(task: str, returns) -> float:
         )
     random_return, expert_return = REFERENCE_RETURNS[task]
     return float((np.mean(returns) - random_return) / (expert_return - random_return))
+
+
+def new_run_dir(runs_dir: str | Path, name: str) -> Path:
+    """Create and return the folder runs_dir/name for a run's logs, model and result.json. Run names
+    end with the start second, so two runs of one setting started together (a sweep in a shell
+    loop) would share a folder and overwrite each other: the later ones get name-2, name-3, ..."""
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        path = Path(runs_dir) / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            path.mkdir()  # atomic: of two processes asking for one name, exactly one gets it
+            return path
+        except FileExistsError:
+            continue
+    raise UserInputError(f"999 run folders named {name} already exist in {runs_dir}")

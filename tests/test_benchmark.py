@@ -1,4 +1,4 @@
-"""The benchmark tools: recording runs made outside the grid (--add), the world-model sweep, the rollout diagnosis."""
+"""The benchmark tools: the grid's worker, recording runs made outside the grid (--add), the world-model sweep, the rollout diagnosis."""
 
 import csv
 import importlib.util
@@ -52,6 +52,21 @@ def test_add_records_each_run_and_its_curve_once(tmp_path):
         ("0", "500", pytest.approx(0.3)), ("0", "1000", pytest.approx(0.5)), ("1", "1000", pytest.approx(0.7))
     ]  # fmt: skip
     assert len(rows) == 2
+
+
+def test_grid_worker_reads_the_curve_of_the_run_it_made(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--task", "coordination", "--dataset", "unfavorable", "--total-steps", "20", "--eval-every", "10",
+                "--eval-episodes", "2", "--runs-dir", str(tmp_path)]  # fmt: skip
+        result = run.run_one(("ibc", argv))
+    finally:
+        torch.set_num_threads(threads)  # the worker keeps to one thread; the rest of the tests need not
+    assert result["run_dir"].startswith(str(tmp_path))
+    assert [step for step, _ in result["curve"]] == [10, 20]
+    assert result["curve"][-1][1] == pytest.approx(result["normalized_score"])
 
 
 def test_add_refuses_unfinished_runs_and_other_tasks(tmp_path):

@@ -137,3 +137,12 @@ def test_reads_a_local_minari_dataset(tmp_path):
     np.testing.assert_array_equal(ds.next_states[:5], first[1:])
     assert ds.episode_starts.tolist() == [True, False, False, False, False, True, False, False]
     assert ds.observations.shape == (8, 2, 5)
+
+
+def test_new_run_dir_gives_every_caller_its_own_folder(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: data.new_run_dir(tmp_path / "runs", "task__algo__0__1"), range(8)))
+    assert len(set(folders)) == 8 and all(f.is_dir() for f in folders)
+    assert {f.name for f in folders} == {"task__algo__0__1"} | {f"task__algo__0__1-{i}" for i in range(2, 9)}

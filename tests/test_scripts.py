@@ -4,6 +4,7 @@ import importlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ TINY = {
     "maiql_ft": dict(total_steps=20),
     "moma_ppo": dict(total_steps=2, wm_max_steps=50, wm_eval_every=25, rollout_batch=20, minibatch_size=100),
 }
-RESULT_FIELDS = {"task", "obs", "dataset", "algo", "seed", "normalized_score", "return", "wall_seconds"}
+RESULT_FIELDS = {"task", "obs", "dataset", "algo", "seed", "normalized_score", "return", "wall_seconds", "run_dir"}
 
 
 def run(script: str, tmp_path: Path, **overrides) -> dict:
@@ -35,6 +36,7 @@ def test_smoke_run_writes_results_logs_and_checkpoint(script, tmp_path, capsys):
     assert 0.0 <= result["normalized_score"] <= 1.0
     (run_dir,) = tmp_path.glob("*__*")  # run folders, not the world-model cache
     assert run_dir.name.startswith(f"coordination-fo-unfavorable__{script}__0__")
+    assert result["run_dir"] == str(run_dir)
     assert json.loads((run_dir / "result.json").read_text()) == result
     assert list(run_dir.glob("events.out.tfevents.*"))
     checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
@@ -54,6 +56,20 @@ def test_same_seed_same_weights(script, tmp_path):
     same = [torch.equal(weights[0][k], weights[1][k]) for k in weights[0]]
     different = [torch.equal(weights[0][k], weights[2][k]) for k in weights[0] if k.endswith("weight")]
     assert all(same) and not all(different)
+
+
+@pytest.mark.parametrize("script", list(TINY))
+def test_a_run_never_writes_into_another_runs_folder(script, tmp_path):
+    """Run names end with the start second: a run whose name is taken (another run of the same setting
+    started that second) gets its own folder and leaves the other one alone."""
+    now = int(time.time())
+    taken = [tmp_path / f"coordination-fo-unfavorable__{script}__0__{second}" for second in range(now, now + 60)]
+    for folder in taken:
+        folder.mkdir()
+    result = run(script, tmp_path)
+    assert Path(result["run_dir"]).name in {f"{folder.name}-2" for folder in taken}
+    assert (Path(result["run_dir"]) / "result.json").is_file()
+    assert not any(any(folder.iterdir()) for folder in taken)
 
 
 def cli(script: str, *argv: str) -> subprocess.CompletedProcess:
