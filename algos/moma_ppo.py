@@ -621,10 +621,10 @@ def value_range(dataset_rewards: np.ndarray, args) -> tuple[float, float]:
     it are wrong, so GAE clips to it and the value function cannot chase its bootstraps to infinity."""
     if args.ground_truth_model:  # the simulator: no penalty
         largest_penalty = 0.0
-    elif args.penalty == "epistemic":  # each eps is capped at l_eps
-        largest_penalty = (args.lambda_r + args.lambda_g) * args.l_eps
+    elif args.penalty == "epistemic":  # each eps is capped at l_eps (0 * inf would be NaN: skip unused terms)
+        largest_penalty = sum(weight * args.l_eps for weight in (args.lambda_r, args.lambda_g) if weight > 0)
     else:  # the aleatoric penalty has no cap
-        largest_penalty = math.inf
+        largest_penalty = math.inf if args.lambda_g > 0 else 0.0
     horizon = 1 / (1 - args.gamma)
     return float(dataset_rewards.min() - largest_penalty) * horizon, float(dataset_rewards.max()) * horizon
 

@@ -279,6 +279,23 @@ def test_value_range_is_what_the_penalised_rewards_allow():
     assert moma_ppo.value_range(rewards, args) == (-math.inf, pytest.approx(200.0))
     args.ground_truth_model = True  # no penalty at all
     assert moma_ppo.value_range(rewards, args) == (pytest.approx(-100.0), pytest.approx(200.0))
+    # the ablations without a penalty or without a cap (--l-eps inf): never NaN
+    args = moma_ppo.Args(gamma=0.99, lambda_r=0.0, lambda_g=0.0, l_eps=math.inf)
+    assert moma_ppo.value_range(rewards, args) == (pytest.approx(-100.0), pytest.approx(200.0))
+    args.lambda_g = 1.0  # an uncapped penalty
+    assert moma_ppo.value_range(rewards, args) == (-math.inf, pytest.approx(200.0))
+    args.penalty, args.lambda_g = "aleatoric", 0.0
+    assert moma_ppo.value_range(rewards, args) == (pytest.approx(-100.0), pytest.approx(200.0))
+
+
+def test_ablation_without_penalty_or_time_out_trains(tmp_path):
+    """--lambda-r 0 --lambda-g 0 --l-eps inf (Figure 8's ablations together) once made the value range NaN."""
+    args = moma_ppo.Args(total_steps=3, lambda_r=0.0, lambda_g=0.0, l_eps=math.inf, runs_dir=str(tmp_path),
+                         **TINY_COORDINATION)  # fmt: skip
+    result = moma_ppo.main(args)
+    checkpoint = torch.load(Path(result["run_dir"]) / "model.pt", weights_only=False)
+    assert all(torch.isfinite(w).all() for w in checkpoint["value"].values())
+    assert all(torch.isfinite(w).all() for w in checkpoint["policies"].values())
 
 
 def test_anneal_lr_decays_every_learning_rate_linearly(tmp_path):
