@@ -171,6 +171,8 @@ class Args:
     """target entropy per agent and action dimension, in nats (default: per task; paper -4 reacher, -6 ant)"""
     action_penalty: float = 1.0
     """weight of the penalty on actions beyond [-1, 1] (continuous actions)"""
+    log_std_init: float = -2.0
+    """log standard deviation the Gaussian policies start from, in (-5, 1) (continuous actions; the paper gives none)"""
 
     # memory (appendix A)
     memory: int | None = None
@@ -538,15 +540,20 @@ class GaussianPolicies(CategoricalPolicies):
 
     LOG_STD_MIN, LOG_STD_MAX = -5.0, 1.0
 
-    def __init__(self, env, hidden, obs_mean, obs_std, memory=0, memory_dim=128):
+    def __init__(self, env, hidden, obs_mean, obs_std, memory=0, memory_dim=128, log_std_init=-2.0):
         super().__init__(env, hidden, obs_mean, obs_std, memory, memory_dim, n_outputs=2 * env.act_dim)
+        if not self.LOG_STD_MIN < log_std_init < self.LOG_STD_MAX:
+            raise envs.UserInputError(f"--log-std-init {log_std_init} is outside ({self.LOG_STD_MIN}, {self.LOG_STD_MAX})")
+        # shifts the squashing so that a raw output of 0 (where the network starts, roughly) gives log_std_init
+        fraction = (log_std_init - self.LOG_STD_MIN) / (self.LOG_STD_MAX - self.LOG_STD_MIN)
+        self.raw_log_std_offset = math.log(fraction / (1 - fraction))
 
     def token_actions(self, actions: torch.Tensor) -> torch.Tensor:
         return actions.clamp(-1, 1)
 
     def distribution(self, features: torch.Tensor) -> torch.distributions.Normal:
         mean, raw_log_std = self.net(features).float().chunk(2, -1)  # float32 even under bfloat16 autocast
-        log_std = self.LOG_STD_MIN + (self.LOG_STD_MAX - self.LOG_STD_MIN) * torch.sigmoid(raw_log_std)
+        log_std = self.LOG_STD_MIN + (self.LOG_STD_MAX - self.LOG_STD_MIN) * torch.sigmoid(raw_log_std + self.raw_log_std_offset)
         return torch.distributions.Normal(mean, log_std.exp())
 
     def log_prob_dims(self, dist, actions: torch.Tensor) -> torch.Tensor:
@@ -733,8 +740,10 @@ def main(args: Args) -> dict:
 
     obs_mean, obs_std = dataset.stats("observations")
     state_mean, state_std = dataset.stats("states")
-    Policies = CategoricalPolicies if env.n_actions is not None else GaussianPolicies
-    policies = Policies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim).to(device)
+    if env.n_actions is not None:
+        policies = CategoricalPolicies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim).to(device)
+    else:
+        policies = GaussianPolicies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim, args.log_std_init).to(device)
     action_dims = 1 if env.n_actions is not None else env.act_dim
     value = MixedValue(env.n_agents, policies.feature_dim, env.state_dim, args.hidden, state_mean, state_std).to(device)
     if args.ground_truth_model:

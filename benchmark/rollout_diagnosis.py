@@ -60,7 +60,7 @@ def main(args: Args) -> None:
         raise envs.UserInputError("the diagnosis is for the MuJoCo tasks (reacher, ant)")
     dataset = data.load(env, run_args.dataset)
     n, o = env.n_agents, env.obs_dim
-    policies = moma_ppo.GaussianPolicies(env, run_args.hidden, np.zeros((n, o)), np.ones((n, o)), run_args.memory, run_args.memory_dim)
+    policies = moma_ppo.GaussianPolicies(env, run_args.hidden, np.zeros((n, o)), np.ones((n, o)), run_args.memory, run_args.memory_dim, run_args.log_std_init)
     policies.load_state_dict(checkpoint["policies"])  # the normalisation statistics come with the weights
     world_model = moma_ppo.load_world_model(checkpoint["world_model"], env.state_dim, n * env.act_dim, torch.device("cpu"))
 

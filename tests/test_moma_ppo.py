@@ -135,6 +135,19 @@ def test_mixed_value_weights_are_non_negative():
     torch.testing.assert_close(value(obs, states), expected)
 
 
+
+def test_gaussian_policies_start_from_log_std_init():
+    env = envs.make("reacher", "all-observant")
+    n, o = env.n_agents, env.obs_dim
+    for log_std_init in (-2.0, 0.0):
+        policies = moma_ppo.GaussianPolicies(env, 16, np.zeros((n, o)), np.ones((n, o)), log_std_init=log_std_init)
+        for layer in policies.net[-1:]:  # a zero last layer: the raw outputs are exactly 0
+            torch.nn.init.zeros_(layer.weight), torch.nn.init.zeros_(layer.bias)
+        dist = policies.distribution(policies.features(torch.randn(n, 5, o)))
+        torch.testing.assert_close(dist.stddev.log(), torch.full((n, 5, env.act_dim), log_std_init))
+    with pytest.raises(envs.UserInputError, match="log-std-init"):
+        moma_ppo.GaussianPolicies(env, 16, np.zeros((n, o)), np.ones((n, o)), log_std_init=1.5)
+
 def test_rollout_histories_extend_and_restart():
     n, b, k, o = 2, 3, 4, 5
     past_obs, past_actions = torch.randn(n, b, k, o), torch.randn(n, b, k, 1)
