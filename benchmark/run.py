@@ -204,17 +204,19 @@ def summary_table(table: str, rows: list[dict]) -> str:
         lines.append(f"| {row_title} | " + " | ".join(cells) + " |")
     seconds = sum(float(r["wall_seconds"]) for r in shown)
     kind = lambda obs: "FO" if obs in ("fo", "all-observant") else "PO"  # noqa: E731
-    # One budget per algorithm and FO/PO; where the settings within it differ, each is named.
+    # One budget per algorithm and FO/PO; where the rows within it differ, the rows of each budget are named.
+    titles = dict(spec["rows"])
     steps_by_group = {}
     for r in shown:
         obs = r.get("obs") or "fo"
-        steps_by_group.setdefault((r["algo"], kind(obs)), {})[obs] = int(r["total_steps"])
+        group = steps_by_group.setdefault((r["algo"], kind(obs)), {})
+        group.setdefault(int(r["total_steps"]), {}).setdefault(titles[obs, r["dataset"]], None)
     budget_parts = []
-    for (algo, group), by_obs in sorted(steps_by_group.items()):
-        if len(set(by_obs.values())) == 1:
-            budget_parts.append(f"{algo} {next(iter(by_obs.values())):,} ({group})")
+    for (algo, group), by_steps in sorted(steps_by_group.items()):
+        if len(by_steps) == 1:
+            budget_parts.append(f"{algo} {next(iter(by_steps)):,} ({group})")
         else:
-            budget_parts += [f"{algo} {steps:,} ({group} {obs})" for obs, steps in sorted(by_obs.items())]
+            budget_parts += [f"{algo} {steps:,} ({', '.join(rows)})" for steps, rows in sorted(by_steps.items())]
     budgets = ", ".join(budget_parts)
     lines.append("")
     lines.append(

@@ -54,6 +54,20 @@ def test_add_records_each_run_and_its_curve_once(tmp_path):
     assert len(rows) == 2
 
 
+def test_summary_shows_each_cells_largest_budget_and_names_the_rows_of_each_budget():
+    def row(dataset, seed, score, steps):
+        return dict(algo="moma_ppo", obs="fo", dataset=dataset, seed=str(seed), normalized_score=str(score),
+                    wall_seconds="60", total_steps=str(steps))  # fmt: skip
+
+    rows = [row("medium", 0, 1.0, 3000), row("medium", 1, 1.2, 3000), row("expert", 0, 1.1, 3000),
+            row("expert", 0, 1.3, 6000), row("expert", 1, 1.5, 6000)]  # fmt: skip
+    table = run.summary_table("4b", rows)
+    assert "| FO ant-expert |" in table and "**1.40 ± 0.10** (1.49 ± 0.01)" in table  # the 6,000-step runs only
+    assert "**1.10 ± 0.10** (1.29 ± 0.06)" in table
+    assert "moma_ppo 3,000 (FO ant-medium), moma_ppo 6,000 (FO ant-expert)." in table
+    assert "4 runs, 4.0 CPU-minutes" in table
+
+
 def test_grid_worker_reads_the_curve_of_the_run_it_made(tmp_path):
     import torch
 
