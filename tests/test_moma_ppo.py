@@ -1,6 +1,9 @@
 """Formulas of MOMA-PPO (paper section 3 and appendix A) against hand or numpy computations."""
 
+import copy
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -175,7 +178,7 @@ def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path):
     args = moma_ppo.Args(
         task="reacher", obs="independent", dataset=str(path), total_steps=2, wm_max_steps=20, wm_eval_every=10,
         rollout_batch=8, minibatch_size=40, hidden=16, wm_hidden=16, wm_layers=1, memory_dim=8, eval_episodes=1,
-        runs_dir=str(tmp_path / "runs"),
+        runs_dir=str(tmp_path / "runs"), compile=False,
     )  # fmt: skip
     moma_ppo.main(args)
     (run_dir,) = (tmp_path / "runs").glob("*__*")
@@ -185,6 +188,36 @@ def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path):
     assert checkpoint["value"]["agent_values.0.weight"].shape == (2, 5 + 8, 16)  # observation + memory summary
     lrs = sorted(group["lr"] for group in checkpoint["optimizer"]["param_groups"])
     assert lrs == sorted([moma_ppo.TASK_DEFAULTS["reacher"]["learning_rate"], args.memory_learning_rate])
+
+
+def test_memory_projects_the_embedded_tokens():
+    """The q/k/v projection runs on the tokens through the product of both weights; it must equal
+    the appendix's order: embed, add the positional encoding, then project."""
+    torch.manual_seed(0)
+    memory = moma_ppo.Memory(n_agents=3, token_dim=5, length=4, dim=8)
+    tokens = torch.randn(3, 6, 4, 5)
+    x, q, key, v = memory.project(tokens)
+    embedded = memory.embed(tokens.flatten(1, 2)) + memory.position.repeat(6, 1)  # [N, B * K, E]
+    torch.testing.assert_close(x, embedded.view(3, 6, 4, 8))
+    torch.testing.assert_close(torch.cat([q, key, v], -1), memory.qkv(embedded).view(3, 6, 4, 24))
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX") or "g++"), reason="torch.compile needs a C++ compiler")
+def test_compiled_memory_matches_the_uncompiled_one():
+    """--compile (on by default for MuJoCo tasks) changes the speed only: outputs, gradients and checkpoint keys."""
+    torch.manual_seed(0)
+    eager = moma_ppo.Memory(n_agents=2, token_dim=5, length=4, dim=8)
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    tokens = torch.randn(2, 6, 4, 5)
+    mask = torch.tensor([[True] * 4, [False] * 4, [False, True, True, True]] * 2)  # incl. an empty history
+    outputs = [memory(tokens, mask) for memory in (eager, compiled)]
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for out in outputs:
+        out.square().sum().backward()
+    for (name, p), (_, p_compiled) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(p_compiled.grad, p.grad, msg=name)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
 
 
 def test_world_model_is_cached_and_reused_with_the_same_result(tmp_path, capsys):

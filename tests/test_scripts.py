@@ -139,6 +139,7 @@ def test_moma_ppo_smoke_run_on_reacher(obs, small_reacher_dataset, tmp_path):
     args = moma_ppo.Args(
         task="reacher", obs=obs, dataset=small_reacher_dataset, eval_episodes=2, runs_dir=str(tmp_path),
         **{**TINY["moma_ppo"], "wm_hidden": 32, "wm_layers": 2, "hidden": 32},
+        compile=False,  # compiled: the ant PO smoke run and tests/test_moma_ppo.py
     )  # fmt: skip
     result = moma_ppo.main(args)
     assert result["obs"] == obs and np.isfinite(result["normalized_score"])
