@@ -764,7 +764,7 @@ def main(args: Args) -> dict:
         policies = GaussianPolicies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim, args.log_std_init).to(device)
     if args.memory and args.compile:
         if device.type == "cpu" and not shutil.which(os.environ.get("CXX") or "g++"):
-            print("no C++ compiler (g++ or $CXX): the memory module runs uncompiled, about 2x slower", flush=True)
+            print("no C++ compiler (g++ or $CXX): the memory module runs uncompiled, about 1.5x slower", flush=True)
         else:
             policies.memory.compile()  # in place: the state dict keeps its keys
     action_dims = 1 if env.n_actions is not None else env.act_dim
