@@ -75,6 +75,11 @@ class Args:
     """use the GPU when one is available"""
     runs_dir: str = "runs"
     """where the run folder (logs, model, result.json) is written"""
+    resume: str | None = None
+    """a run folder (or its model.pt) to continue: its settings, weights, optimisers, RNG state and step are
+    restored and the run goes on in that folder (--total-steps, if given, replaces the saved budget)"""
+    save_every: int = 10_000
+    """gradient steps between checkpoints (model.pt, everything needed to resume); Ctrl-C and SIGTERM also save one"""
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4
@@ -261,6 +266,9 @@ def cql_regulariser(critics: TwinCritics, features, q_data, policy_now, policy_n
 
 
 def main(args: Args) -> dict:
+    checkpoint = None
+    if args.resume:  # the saved settings, except a new budget
+        args, run_dir, checkpoint = data.resume(args)
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -274,8 +282,9 @@ def main(args: Args) -> dict:
     if args.cql_alpha is None:  # the paper tuned it on ant expert only
         args.cql_alpha = 5.0 if (args.task, args.dataset) == ("ant", "expert") else 1.0
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__icql__{args.seed}__{int(start_time)}"
-    run_dir = data.new_run_dir(args.runs_dir, run_name)
-    writer = SummaryWriter(str(run_dir))
+    if checkpoint is None:
+        run_dir = data.new_run_dir(args.runs_dir, run_name)
+    writer = SummaryWriter(str(run_dir))  # a resumed run appends to its own logs
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     random.seed(args.seed)
@@ -319,69 +328,10 @@ def main(args: Args) -> dict:
 
     print(f"{run_dir.name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
     actor_loss = torch.tensor(float("nan"))  # logged before the first actor step
-    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
-    # runs without autocast)
-    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    for step in range(1, args.total_steps + 1):
-        with bf16:
-            idx = torch.randint(len(dataset), (args.batch_size,), device=device)
-            with torch.no_grad():
-                # TD3 target: the target actor's next action with clipped noise, the smaller target critic
-                next_features = policy_target.features(*inputs(idx, next_step=True))
-                clip = args.target_noise_clip
-                noise = (torch.randn_like(actions[:, idx]) * args.target_noise).clamp(-clip, clip)
-                next_actions = (policy_target(next_features) + noise).clamp(-1, 1)
-                next_q = critics_target(next_features, next_actions.unsqueeze(2)).min(0).values.squeeze(-1)  # [N, B]
-                backup = rewards[idx] + args.gamma * not_done[idx] * next_q
 
-            # critics (and memory): TD loss of each critic plus the CQL regulariser
-            features = policy.features(*inputs(idx))
-            with torch.no_grad():
-                policy_now = policy(features)
-                policy_next = policy(policy.features(*inputs(idx, next_step=True)))
-            q_data = critics(features, actions[:, idx].unsqueeze(2)).squeeze(-1)  # [2, N, B]
-            td_loss = (q_data - backup).square().mean(-1).sum()  # summed over critics and agents: independent losses
-            cql_loss = cql_regulariser(critics, features, q_data, policy_now, policy_next, args).mean(-1).sum()
-            critic_loss = td_loss + args.cql_alpha * cql_loss
-            critic_optimizer.zero_grad(set_to_none=True)
-            critic_loss.backward()
-            nn.utils.clip_grad_norm_(critic_params, args.max_grad_norm)
-            critic_optimizer.step()
-
-            if step % args.policy_delay == 0:
-                # actors: maximise Q_i1 of their own action; the memory summary is read, not trained
-                features = features.detach()
-                policy_actions = policy(features)
-                q_policy = critics(features, policy_actions.unsqueeze(2), twin=False).squeeze(-1)  # [N, B]
-                actor_loss = (-q_policy.mean(-1) + args.action_penalty * policy_actions.square().mean((1, 2))).sum()
-                actor_optimizer.zero_grad(set_to_none=True)
-                actor_loss.backward()
-                nn.utils.clip_grad_norm_(policy.net.parameters(), args.max_grad_norm)
-                actor_optimizer.step()
-                with torch.no_grad():
-                    for net, target in ((policy, policy_target), (critics, critics_target)):
-                        for p, p_target in zip(net.parameters(), target.parameters()):
-                            p_target.lerp_(p, args.tau)
-
-        if step % 100 == 0:
-            writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
-            writer.add_scalar("losses/td_loss", td_loss.item(), step)
-            writer.add_scalar("losses/cql_loss", cql_loss.item(), step)
-            writer.add_scalar("losses/actor_loss", actor_loss.item(), step)
-            writer.add_scalar("losses/q_values", q_data.mean().item(), step)
-            writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)  # not rounded: below 1 on a CPU
-        if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
-            ret, score = evaluate()
-            writer.add_scalar("eval/return", ret, step)
-            writer.add_scalar("eval/normalized_score", score, step)
-            print(f"step {step}: return {ret:.2f}, normalized score {score:.3f}", flush=True)
-
-    ret, score = evaluate()
-    writer.add_scalar("eval/return", ret, args.total_steps)
-    writer.add_scalar("eval/normalized_score", score, args.total_steps)
-    writer.close()
-    torch.save(
-        {
+    def save_checkpoint(step: int) -> None:
+        """Everything needed to evaluate the agents or to go on training (--resume), written atomically."""
+        state = {
             "args": asdict(args),
             "policy": policy.state_dict(),  # actors, memory and the observation normalisation statistics
             "policy_target": policy_target.state_dict(),
@@ -391,15 +341,97 @@ def main(args: Args) -> dict:
             "actor_optimizer": actor_optimizer.state_dict(),
             "obs_mean": torch.as_tensor(obs_mean),  # tensors, so that torch.load(weights_only=True) works
             "obs_std": torch.as_tensor(obs_std),
-            "step": args.total_steps,
-            "rng": torch.get_rng_state(),  # the only generator the training draws from
-        },
-        run_dir / "model.pt",
-    )
+            "step": step,
+            "rng": data.rng_state(),  # torch's generators: the only ones the training draws from
+            "wall_seconds": wall_seconds(),
+        }
+        data.save_checkpoint(run_dir, state)
+
+    start_step, previous_seconds = 0, 0.0
+    if checkpoint is not None:
+        policy.load_state_dict(checkpoint["policy"])
+        policy_target.load_state_dict(checkpoint["policy_target"])
+        critics.load_state_dict(checkpoint["critics"])
+        critics_target.load_state_dict(checkpoint["critics_target"])
+        critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+        actor_optimizer.load_state_dict(checkpoint["actor_optimizer"])
+        data.set_rng_state(checkpoint["rng"])
+        start_step, previous_seconds = checkpoint["step"], checkpoint.get("wall_seconds", 0.0)
+        print(f"resuming {run_dir} at step {start_step}", flush=True)
+    wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
+
+    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
+    # runs without autocast)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    with data.stop_requests() as stop:
+        for step in range(start_step + 1, args.total_steps + 1):
+            with bf16:
+                idx = torch.randint(len(dataset), (args.batch_size,), device=device)
+                with torch.no_grad():
+                    # TD3 target: the target actor's next action with clipped noise, the smaller target critic
+                    next_features = policy_target.features(*inputs(idx, next_step=True))
+                    clip = args.target_noise_clip
+                    noise = (torch.randn_like(actions[:, idx]) * args.target_noise).clamp(-clip, clip)
+                    next_actions = (policy_target(next_features) + noise).clamp(-1, 1)
+                    next_q = critics_target(next_features, next_actions.unsqueeze(2)).min(0).values.squeeze(-1)  # [N, B]
+                    backup = rewards[idx] + args.gamma * not_done[idx] * next_q
+
+                # critics (and memory): TD loss of each critic plus the CQL regulariser
+                features = policy.features(*inputs(idx))
+                with torch.no_grad():
+                    policy_now = policy(features)
+                    policy_next = policy(policy.features(*inputs(idx, next_step=True)))
+                q_data = critics(features, actions[:, idx].unsqueeze(2)).squeeze(-1)  # [2, N, B]
+                td_loss = (q_data - backup).square().mean(-1).sum()  # summed over critics and agents: independent losses
+                cql_loss = cql_regulariser(critics, features, q_data, policy_now, policy_next, args).mean(-1).sum()
+                critic_loss = td_loss + args.cql_alpha * cql_loss
+                critic_optimizer.zero_grad(set_to_none=True)
+                critic_loss.backward()
+                nn.utils.clip_grad_norm_(critic_params, args.max_grad_norm)
+                critic_optimizer.step()
+
+                if step % args.policy_delay == 0:
+                    # actors: maximise Q_i1 of their own action; the memory summary is read, not trained
+                    features = features.detach()
+                    policy_actions = policy(features)
+                    q_policy = critics(features, policy_actions.unsqueeze(2), twin=False).squeeze(-1)  # [N, B]
+                    actor_loss = (-q_policy.mean(-1) + args.action_penalty * policy_actions.square().mean((1, 2))).sum()
+                    actor_optimizer.zero_grad(set_to_none=True)
+                    actor_loss.backward()
+                    nn.utils.clip_grad_norm_(policy.net.parameters(), args.max_grad_norm)
+                    actor_optimizer.step()
+                    with torch.no_grad():
+                        for net, target in ((policy, policy_target), (critics, critics_target)):
+                            for p, p_target in zip(net.parameters(), target.parameters()):
+                                p_target.lerp_(p, args.tau)
+
+            if step % 100 == 0:
+                writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
+                writer.add_scalar("losses/td_loss", td_loss.item(), step)
+                writer.add_scalar("losses/cql_loss", cql_loss.item(), step)
+                writer.add_scalar("losses/actor_loss", actor_loss.item(), step)
+                writer.add_scalar("losses/q_values", q_data.mean().item(), step)
+                writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)  # not rounded: below 1 on a CPU
+            if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+                ret, score = evaluate()
+                writer.add_scalar("eval/return", ret, step)
+                writer.add_scalar("eval/normalized_score", score, step)
+                print(f"step {step}: return {ret:.2f}, normalized score {score:.3f}", flush=True)
+            if stop or step % args.save_every == 0:
+                save_checkpoint(step)
+            if stop:
+                writer.close()
+                sys.exit(f"stopped at step {step}; go on with: python algos/icql.py --resume {run_dir}")
+
+    ret, score = evaluate()
+    writer.add_scalar("eval/return", ret, args.total_steps)
+    writer.add_scalar("eval/normalized_score", score, args.total_steps)
+    writer.close()
+    save_checkpoint(args.total_steps)
     result = {
         "task": args.task, "obs": env.obs_setting, "dataset": args.dataset, "algo": "icql", "seed": args.seed,
         "normalized_score": score, "return": ret, "eval_episodes": args.eval_episodes,
-        "total_steps": args.total_steps, "wall_seconds": time.time() - start_time, "device": str(device),
+        "total_steps": args.total_steps, "wall_seconds": wall_seconds(), "device": str(device),
         "run_dir": str(run_dir),
     }  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))

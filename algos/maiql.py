@@ -83,6 +83,11 @@ class Args:
     """use the GPU when one is available"""
     runs_dir: str = "runs"
     """where the run folder (logs, model, result.json) is written"""
+    resume: str | None = None
+    """a run folder (or its model.pt) to continue: its settings, weights, optimisers, RNG state and step are
+    restored and the run goes on in that folder (--total-steps, if given, replaces the saved budget)"""
+    save_every: int = 10_000
+    """gradient steps between checkpoints (model.pt, everything needed to resume); Ctrl-C and SIGTERM also save one"""
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4
@@ -284,6 +289,9 @@ class Policies(nn.Module):
 
 
 def main(args: Args) -> dict:
+    checkpoint = None
+    if args.resume:  # the saved settings, except a new budget
+        args, run_dir, checkpoint = data.resume(args)
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -296,8 +304,9 @@ def main(args: Args) -> dict:
     if args.memory and categorical:
         raise envs.UserInputError("--memory needs continuous actions (the coordination game is fully observed): use --memory 0")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__maiql__{args.seed}__{int(start_time)}"
-    run_dir = data.new_run_dir(args.runs_dir, run_name)
-    writer = SummaryWriter(str(run_dir))
+    if checkpoint is None:
+        run_dir = data.new_run_dir(args.runs_dir, run_name)
+    writer = SummaryWriter(str(run_dir))  # a resumed run appends to its own logs
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     random.seed(args.seed)
@@ -412,32 +421,10 @@ def main(args: Args) -> dict:
         return float(returns.mean()), data.normalized_score(args.task, returns)
 
     print(f"{run_dir.name}: {len(dataset)} transitions, {args.total_steps} steps on {device}", flush=True)
-    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
-    # runs without autocast)
-    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    for step in range(1, args.total_steps + 1):
-        idx = torch.randint(len(dataset), (args.batch_size,), device=device)
-        with bf16:
-            logs = update(sample(idx))
 
-        if step % 100 == 0:
-            for name, value in logs.items():
-                writer.add_scalar(f"losses/{name}", value.item(), step)
-            if not categorical:
-                writer.add_scalar("losses/policy_log_std", policy.head.log_std.mean().item(), step)
-            writer.add_scalar("charts/SPS", int(step / (time.time() - start_time)), step)
-        if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
-            ret, score = evaluate()
-            writer.add_scalar("eval/return", ret, step)
-            writer.add_scalar("eval/normalized_score", score, step)
-            print(f"step {step}: return {ret:.2f}, normalized score {score:.3f}", flush=True)
-
-    ret, score = evaluate()
-    writer.add_scalar("eval/return", ret, args.total_steps)
-    writer.add_scalar("eval/normalized_score", score, args.total_steps)
-    writer.close()
-    torch.save(
-        {
+    def save_checkpoint(step: int) -> None:
+        """Everything needed to evaluate the agents or to go on training (--resume), written atomically."""
+        state = {
             "args": asdict(args),
             "qf": qf.state_dict(),
             "qf_target": qf_target.state_dict(),
@@ -450,15 +437,63 @@ def main(args: Args) -> dict:
             "obs_std": torch.as_tensor(obs_std),
             "state_mean": torch.as_tensor(state_mean),
             "state_std": torch.as_tensor(state_std),
-            "step": args.total_steps,
-            "rng": torch.get_rng_state(),  # the only generator the training draws from
-        },
-        run_dir / "model.pt",
-    )
+            "step": step,
+            "rng": data.rng_state(),  # torch's generators: the only ones the training draws from
+            "wall_seconds": wall_seconds(),
+        }
+        data.save_checkpoint(run_dir, state)
+
+    start_step, previous_seconds = 0, 0.0
+    if checkpoint is not None:
+        qf.load_state_dict(checkpoint["qf"])
+        qf_target.load_state_dict(checkpoint["qf_target"])
+        vf.load_state_dict(checkpoint["vf"])
+        policy.load_state_dict(checkpoint["policy"])
+        if memory is not None:
+            memory.load_state_dict(checkpoint["memory"])
+            memory_target.load_state_dict(checkpoint["memory_target"])
+        for name, (optimizer, _) in optimizers.items():
+            optimizer.load_state_dict(checkpoint[f"{name}_optimizer"])
+        data.set_rng_state(checkpoint["rng"])
+        start_step, previous_seconds = checkpoint["step"], checkpoint.get("wall_seconds", 0.0)
+        print(f"resuming {run_dir} at step {start_step}", flush=True)
+    wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
+
+    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
+    # runs without autocast)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    with data.stop_requests() as stop:
+        for step in range(start_step + 1, args.total_steps + 1):
+            idx = torch.randint(len(dataset), (args.batch_size,), device=device)
+            with bf16:
+                logs = update(sample(idx))
+
+            if step % 100 == 0:
+                for name, value in logs.items():
+                    writer.add_scalar(f"losses/{name}", value.item(), step)
+                if not categorical:
+                    writer.add_scalar("losses/policy_log_std", policy.head.log_std.mean().item(), step)
+                writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
+            if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+                ret, score = evaluate()
+                writer.add_scalar("eval/return", ret, step)
+                writer.add_scalar("eval/normalized_score", score, step)
+                print(f"step {step}: return {ret:.2f}, normalized score {score:.3f}", flush=True)
+            if stop or step % args.save_every == 0:
+                save_checkpoint(step)
+            if stop:
+                writer.close()
+                sys.exit(f"stopped at step {step}; go on with: python algos/maiql.py --resume {run_dir}")
+
+    ret, score = evaluate()
+    writer.add_scalar("eval/return", ret, args.total_steps)
+    writer.add_scalar("eval/normalized_score", score, args.total_steps)
+    writer.close()
+    save_checkpoint(args.total_steps)
     result = {
         "task": args.task, "obs": env.obs_setting, "dataset": args.dataset, "algo": "maiql", "seed": args.seed,
         "normalized_score": score, "return": ret, "eval_episodes": args.eval_episodes,
-        "total_steps": args.total_steps, "wall_seconds": time.time() - start_time, "device": str(device),
+        "total_steps": args.total_steps, "wall_seconds": wall_seconds(), "device": str(device),
         "run_dir": str(run_dir),
     }  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))

@@ -46,19 +46,16 @@
 # the same dataset states), --penalty aleatoric (section 6.3), --lambda-r, --lambda-g, --l-eps
 # (inf: no adaptive time-out), --rollout-length. Long runs save model.pt every --save-every
 # learning steps and on Ctrl-C / SIGTERM; --resume RUN_DIR continues one exactly where it stopped.
-import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -693,46 +690,10 @@ def get_world_model(args, path: Path, dataset, env, encode_actions, device, writ
     return world_model
 
 
-@contextlib.contextmanager
-def stop_requests():
-    """A list that gets an entry on Ctrl-C or SIGTERM, so that the training loop can save a checkpoint
-    and stop cleanly after its current learning step (signal handlers only exist in the main thread)."""
-    requests, previous = [], {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, lambda number, frame: requests.append(number))
-    try:
-        yield requests
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def load_checkpoint(resume: str) -> tuple[Path, dict]:
-    """The run folder and checkpoint that --resume names (a run folder or its model.pt)."""
-    path = Path(resume)
-    path = path / "model.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise envs.UserInputError(f"nothing to resume at '{resume}'; pass a run folder holding a model.pt")
-    return path.parent, torch.load(path, map_location="cpu", weights_only=False)
-
-
-def saved_args(checkpoint: dict) -> Args:
-    """A checkpoint's settings, without (and printing) those a later version of this script dropped."""
-    known = {f.name for f in fields(Args)}
-    dropped = {k: v for k, v in checkpoint["args"].items() if k not in known}
-    if dropped:
-        print(f"ignoring saved settings this version does not have: {dropped}")
-    return Args(**{k: v for k, v in checkpoint["args"].items() if k in known})
-
-
 def main(args: Args) -> dict:
     checkpoint = None
     if args.resume:  # the saved settings, except a new budget
-        run_dir, checkpoint = load_checkpoint(args.resume)
-        total_steps, resume = args.total_steps, args.resume
-        args = saved_args(checkpoint)
-        args.total_steps, args.resume = total_steps or args.total_steps, resume
+        args, run_dir, checkpoint = data.resume(args)
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -832,8 +793,7 @@ def main(args: Args) -> dict:
             "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
             "wall_seconds": wall_seconds(),
         }
-        torch.save(state, run_dir / "model.pt.tmp")
-        (run_dir / "model.pt.tmp").replace(run_dir / "model.pt")
+        data.save_checkpoint(run_dir, state)
 
     start_step, previous_seconds = 0, 0.0
     if checkpoint is not None:
@@ -848,7 +808,7 @@ def main(args: Args) -> dict:
     wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
 
     timed_from, ppo_start = start_step, time.time()  # speed is measured after the first learning step (compilation)
-    with stop_requests() as stop:
+    with data.stop_requests() as stop:
         for step in range(start_step + 1, args.total_steps + 1):
             if args.anneal_lr:
                 for group, base in zip(optimizer.param_groups, base_learning_rates):

@@ -53,8 +53,7 @@ def yaw(states: torch.Tensor) -> torch.Tensor:
 def main(args: Args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    _, checkpoint = moma_ppo.load_checkpoint(args.run)
-    run_args = moma_ppo.saved_args(checkpoint)
+    run_args, _, checkpoint = data.resume(moma_ppo.Args(resume=args.run))
     env = envs.make(run_args.task, run_args.obs)
     if env.n_actions is not None:
         raise envs.UserInputError("the diagnosis is for the MuJoCo tasks (reacher, ant)")

@@ -1,5 +1,5 @@
 """Offline datasets: building, caching, loading, validating, and score normalisation (and the
-folders runs write their results to).
+folders runs write their results to, with the checkpoint and resume plumbing every script shares).
 
 On disk a dataset uses D4RL's layout (so real D4RL files load the same way): a
 single-agent view with `observations` (the global state), `actions` (the joint action),
@@ -11,9 +11,12 @@ serves every observation setting of a task.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from dataclasses import dataclass
+import signal
+import threading
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +260,61 @@ def new_run_dir(runs_dir: str | Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise UserInputError(f"999 run folders named {name} already exist in {runs_dir}")
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """A list that gets an entry on Ctrl-C or SIGTERM, so that a training loop can save a checkpoint
+    and stop cleanly after its current step (signal handlers only exist in the main thread)."""
+    requests, previous = [], {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda number, frame: requests.append(number))
+    try:
+        yield requests
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def resume(args):
+    """For `--resume RUN`: the settings RUN was started with (keeping a newly given --total-steps),
+    its folder and its checkpoint. RUN is a run folder or its model.pt. Saved settings that a later
+    version of the script no longer has are dropped, and printed."""
+    import torch
+
+    path = Path(args.resume)
+    path = path / "model.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise UserInputError(f"nothing to resume at '{args.resume}'; pass a run folder holding a model.pt")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    known = {f.name for f in fields(type(args))}
+    dropped = {k: v for k, v in checkpoint["args"].items() if k not in known}
+    if dropped:
+        print(f"ignoring saved settings this version does not have: {dropped}")
+    saved = type(args)(**{k: v for k, v in checkpoint["args"].items() if k in known})
+    saved.total_steps, saved.resume = args.total_steps or saved.total_steps, args.resume
+    return saved, path.parent, checkpoint
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    """Write `state` to run_dir/model.pt atomically: an interrupted write leaves the previous one intact."""
+    import torch
+
+    torch.save(state, run_dir / "model.pt.tmp")
+    (run_dir / "model.pt.tmp").replace(run_dir / "model.pt")
+
+
+def rng_state() -> dict:
+    """torch's global generators (CPU and every GPU): all that the training loops draw from."""
+    import torch
+
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

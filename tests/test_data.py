@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 
@@ -146,3 +148,16 @@ def test_new_run_dir_gives_every_caller_its_own_folder(tmp_path):
         folders = list(pool.map(lambda _: data.new_run_dir(tmp_path / "runs", "task__algo__0__1"), range(8)))
     assert len(set(folders)) == 8 and all(f.is_dir() for f in folders)
     assert {f.name for f in folders} == {"task__algo__0__1"} | {f"task__algo__0__1-{i}" for i in range(2, 9)}
+
+
+def test_stop_requests_collects_signals_and_restores_the_handlers():
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with data.stop_requests() as stop:
+        assert not stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -290,19 +290,6 @@ def test_resume_continues_where_it_stopped(tmp_path, capsys):
         moma_ppo.main(moma_ppo.Args(resume=str(tmp_path / "nowhere")))
 
 
-def test_stop_requests_collects_signals_and_restores_the_handlers():
-    import os
-    import signal
-
-    before = signal.getsignal(signal.SIGTERM)
-    with moma_ppo.stop_requests() as stop:
-        assert not stop
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)
-        assert stop == [signal.SIGTERM]
-    assert signal.getsignal(signal.SIGTERM) is before
-
-
 def test_ground_truth_model_rolls_out_in_the_simulator(tmp_path, capsys):
     args = moma_ppo.Args(total_steps=2, ground_truth_model=True, runs_dir=str(tmp_path), **TINY_COORDINATION)
     result = moma_ppo.main(args)
