@@ -70,6 +70,11 @@ class Args:
     """use the GPU when one is available"""
     runs_dir: str = "runs"
     """where the run folder (logs, model, result.json) is written"""
+    resume: str | None = None
+    """a run folder (or its model.pt) to continue: its settings, weights, optimisers, online data, rollouts, RNG
+    state and step are restored and the run goes on in that folder (with its saved budget, which fixes the split)"""
+    save_every: int = 10_000
+    """gradient steps between checkpoints (model.pt, everything needed to resume); Ctrl-C and SIGTERM also save one"""
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4
@@ -322,6 +327,21 @@ class ReplayBuffer:
             history, mask = data.history_index(dataset.episode_first(), np.arange(self.T), memory)
             self.history, self.history_mask = column(history, torch.int64), column(mask, torch.bool)  # [C, K]
 
+    def columns(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """Every stored column with its row axis (1 for the agent-major ones)."""
+        cols = {name: (getattr(self, name), 1) for name in ("observations", "next_observations", "actions")}
+        names = ("states", "next_states", "rewards", "not_done") + (("history", "history_mask") if self.memory else ())
+        return cols | {name: (getattr(self, name), 0) for name in names}
+
+    def online_rows(self) -> dict[str, torch.Tensor]:
+        """The online rows [T, size) of every column: what a checkpoint needs (the dataset's rows come from its file)."""
+        return {name: col.narrow(axis, self.T, self.size - self.T).clone() for name, (col, axis) in self.columns().items()}
+
+    def load_online_rows(self, rows: dict[str, torch.Tensor]) -> None:
+        for name, (col, axis) in self.columns().items():
+            col.narrow(axis, self.T, rows[name].shape[axis]).copy_(rows[name])
+        self.size = self.T + rows["rewards"].shape[0]
+
     def normalise_obs(self, obs: torch.Tensor) -> torch.Tensor:
         """Raw observations [N, B, O] or histories [N, B, K, O] -> normalised."""
         mean, std = (x.view(x.shape[0], *[1] * (obs.dim() - 2), x.shape[-1]) for x in self._obs_stats)  # [N, 1, (1,) O]
@@ -398,6 +418,13 @@ class SimulatorRollouts:
         self.mask = pick(self.buffer.history_mask[fresh], mask) if self.buffer.memory else None
         self.steps = torch.where(ended, 0, self.steps)
 
+    def state_dict(self) -> dict:
+        """Where every rollout stands (the simulators themselves are set from the states at each step)."""
+        return {"states": self.states, "history": self.history, "mask": self.mask, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.states, self.history, self.mask, self.steps = state["states"], state["history"], state["mask"], state["steps"]
+
     @torch.no_grad()
     def step(self, sample_actions) -> None:
         """One step of every rollout. sample_actions(obs [N, b, O], past or None) -> actions [N, b, ...]."""
@@ -415,6 +442,9 @@ class SimulatorRollouts:
 
 
 def main(args: Args) -> dict:
+    checkpoint = None
+    if args.resume:  # the saved settings, except a new budget
+        args, run_dir, checkpoint = data.resume(args)
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -431,8 +461,9 @@ def main(args: Args) -> dict:
     if args.online_transitions is None:  # no fine-tuning, no online rows to make room for
         args.online_transitions = len(dataset) if args.finetune_fraction > 0 else 0
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__maiql_ft__{args.seed}__{int(start_time)}"
-    run_dir = data.new_run_dir(args.runs_dir, run_name)
-    writer = SummaryWriter(str(run_dir))
+    if checkpoint is None:
+        run_dir = data.new_run_dir(args.runs_dir, run_name)
+    writer = SummaryWriter(str(run_dir))  # a resumed run appends to its own logs
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     random.seed(args.seed)
@@ -531,35 +562,10 @@ def main(args: Args) -> dict:
     print(f"{run_dir.name}: {T} transitions, {offline_steps} offline then {finetune_steps} fine-tuning steps "
           f"({args.online_transitions} simulator transitions) on {device}", flush=True)  # fmt: skip
     offline_score = None
-    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
-    # runs without autocast)
-    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    for step in range(1, args.total_steps + 1):
-        if step > offline_steps:  # fine-tuning: keep the online data on schedule, then sample from everything
-            while replay.size - T < args.online_transitions * (step - offline_steps) / finetune_steps:
-                rollouts.step(explore)
-        idx = torch.randint(replay.size, (args.batch_size,), device=device)
-        with bf16:
-            logs = update(replay.sample(idx))
 
-        if step % 100 == 0:
-            for name, value in logs.items():
-                writer.add_scalar(f"losses/{name}", value.item(), step)
-            if not categorical:
-                writer.add_scalar("losses/policy_log_std", policy.head.log_std.mean().item(), step)
-            writer.add_scalar("charts/SPS", int(step / (time.time() - start_time)), step)
-            writer.add_scalar("charts/online_transitions", replay.size - T, step)
-        if step == offline_steps and finetune_steps:  # MAIQL's score, before fine-tuning
-            ret, offline_score = evaluate(step)
-            print(f"step {step}, end of offline training: return {ret:.2f}, normalized score {offline_score:.3f}", flush=True)
-        elif args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
-            ret, score = evaluate(step)
-            print(f"step {step}: return {ret:.2f}, normalized score {score:.3f}", flush=True)
-
-    ret, score = evaluate(args.total_steps)
-    writer.close()
-    torch.save(
-        {
+    def save_checkpoint(step: int) -> None:
+        """Everything needed to evaluate the agents or to go on training (--resume), written atomically."""
+        state = {
             "args": asdict(args),
             "qf": qf.state_dict(),
             "qf_target": qf_target.state_dict(),
@@ -572,16 +578,78 @@ def main(args: Args) -> dict:
             "obs_std": torch.as_tensor(replay.obs_std),
             "state_mean": torch.as_tensor(replay.state_mean),
             "state_std": torch.as_tensor(replay.state_std),
-            "step": args.total_steps,
+            "step": step,
             "online_transitions": replay.size - T,
-            "rng": torch.get_rng_state(),  # the only generator the training draws from
-        },
-        run_dir / "model.pt",
-    )
+            "online_rows": replay.online_rows(),  # the fine-tuning data so far, and where the rollouts stand
+            "rollouts": rollouts.state_dict(),
+            "offline_score": offline_score,
+            "rng": data.rng_state(),  # torch's generators: the only ones the training draws from
+            "wall_seconds": wall_seconds(),
+        }
+        data.save_checkpoint(run_dir, state)
+
+    start_step, previous_seconds = 0, 0.0
+    if checkpoint is not None:
+        if args.total_steps != checkpoint["args"]["total_steps"]:
+            raise envs.UserInputError(
+                f"MAIQL-ft's budget fixes its offline/fine-tuning split and online schedule: resume without "
+                f"--total-steps (saved: {checkpoint['args']['total_steps']})"
+            )
+        qf.load_state_dict(checkpoint["qf"])
+        qf_target.load_state_dict(checkpoint["qf_target"])
+        vf.load_state_dict(checkpoint["vf"])
+        policy.load_state_dict(checkpoint["policy"])
+        if memory is not None:
+            memory.load_state_dict(checkpoint["memory"])
+            memory_target.load_state_dict(checkpoint["memory_target"])
+        for name, (optimizer, _) in optimizers.items():
+            optimizer.load_state_dict(checkpoint[f"{name}_optimizer"])
+        replay.load_online_rows(checkpoint["online_rows"])
+        rollouts.load_state_dict(checkpoint["rollouts"])
+        offline_score = checkpoint["offline_score"]
+        data.set_rng_state(checkpoint["rng"])
+        start_step, previous_seconds = checkpoint["step"], checkpoint.get("wall_seconds", 0.0)
+        print(f"resuming {run_dir} at step {start_step}", flush=True)
+    wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
+
+    # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
+    # runs without autocast)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    with data.stop_requests() as stop:
+        for step in range(start_step + 1, args.total_steps + 1):
+            if step > offline_steps:  # fine-tuning: keep the online data on schedule, then sample from everything
+                while replay.size - T < args.online_transitions * (step - offline_steps) / finetune_steps:
+                    rollouts.step(explore)
+            idx = torch.randint(replay.size, (args.batch_size,), device=device)
+            with bf16:
+                logs = update(replay.sample(idx))
+
+            if step % 100 == 0:
+                for name, value in logs.items():
+                    writer.add_scalar(f"losses/{name}", value.item(), step)
+                if not categorical:
+                    writer.add_scalar("losses/policy_log_std", policy.head.log_std.mean().item(), step)
+                writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
+                writer.add_scalar("charts/online_transitions", replay.size - T, step)
+            if step == offline_steps and finetune_steps:  # MAIQL's score, before fine-tuning
+                ret, offline_score = evaluate(step)
+                print(f"step {step}, end of offline training: return {ret:.2f}, normalized score {offline_score:.3f}", flush=True)
+            elif args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
+                ret, score = evaluate(step)
+                print(f"step {step}: return {ret:.2f}, normalized score {score:.3f}", flush=True)
+            if stop or step % args.save_every == 0:
+                save_checkpoint(step)
+            if stop:
+                writer.close()
+                sys.exit(f"stopped at step {step}; go on with: python algos/maiql_ft.py --resume {run_dir}")
+
+    ret, score = evaluate(args.total_steps)
+    writer.close()
+    save_checkpoint(args.total_steps)
     result = {
         "task": args.task, "obs": env.obs_setting, "dataset": args.dataset, "algo": "maiql_ft", "seed": args.seed,
         "normalized_score": score, "return": ret, "offline_normalized_score": offline_score,
-        "eval_episodes": args.eval_episodes, "total_steps": args.total_steps, "wall_seconds": time.time() - start_time,
+        "eval_episodes": args.eval_episodes, "total_steps": args.total_steps, "wall_seconds": wall_seconds(),
         "device": str(device),
         "run_dir": str(run_dir),
     }  # fmt: skip

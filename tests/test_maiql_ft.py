@@ -77,3 +77,38 @@ def test_smoke_run_collects_as_many_online_transitions_as_offline(task, obs, sma
     checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
     assert 400 <= checkpoint["online_transitions"] < 400 + 16
     assert (checkpoint["memory"] is not None) == envs.partially_observed(envs.make(task, obs))
+
+
+def test_a_run_stopped_during_fine_tuning_resumes_where_it_stopped(small_reacher_dataset, tmp_path, monkeypatch):
+    """Stopped (as by SIGTERM) at step 14 of 20, in the fine-tuning phase, and resumed: the same weights,
+    optimiser states and online data as 20 steps in one go (with memory, so the rollouts' histories too)."""
+    import contextlib
+
+    args = dict(task="reacher", obs="independent", dataset=small_reacher_dataset, total_steps=20, eval_episodes=1,
+                hidden=16, memory_dim=8, rollout_batch=16)  # fmt: skip
+    whole = maiql_ft.main(maiql_ft.Args(runs_dir=str(tmp_path / "whole"), **args))
+
+    class StopAtStep14(list):  # the loop asks `if stop` twice per step
+        checks = 0
+
+        def __bool__(self):
+            self.checks += 1
+            return self.checks > 2 * 13
+
+    with monkeypatch.context() as patch:
+        patch.setattr(data, "stop_requests", contextlib.contextmanager(lambda: (yield StopAtStep14())))
+        with pytest.raises(SystemExit, match="stopped at step 14; go on with: python algos/maiql_ft.py --resume"):
+            maiql_ft.main(maiql_ft.Args(runs_dir=str(tmp_path / "split"), **args))
+    (run_dir,) = (tmp_path / "split").iterdir()
+    stopped = torch.load(run_dir / "model.pt", weights_only=True)
+    assert stopped["step"] == 14 and 0 < stopped["online_transitions"] < 400  # half-way through fine-tuning
+    with pytest.raises(envs.UserInputError, match="resume without --total-steps"):
+        maiql_ft.main(maiql_ft.Args(resume=str(run_dir), total_steps=30))
+    resumed = maiql_ft.main(maiql_ft.Args(resume=str(run_dir)))
+    assert resumed["run_dir"] == str(run_dir)
+    assert resumed["offline_normalized_score"] == whole["offline_normalized_score"]
+    a, b = (torch.load(r + "/model.pt", weights_only=True) for r in (whole["run_dir"], resumed["run_dir"]))
+    assert a["step"] == b["step"] == 20 and a["online_transitions"] == b["online_transitions"]
+    for key in ("qf", "qf_target", "vf", "policy", "memory", "memory_target", "q_optimizer", "policy_optimizer",
+                "memory_optimizer", "online_rows", "rollouts"):  # fmt: skip
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

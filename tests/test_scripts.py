@@ -196,7 +196,7 @@ def test_bf16_changes_the_training_but_keeps_float32_weights(script, small_reach
     assert not all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
 
 
-RESUMABLE = ["ibc", "iql_central", "maiql", "matd3bc", "itd3bc", "icql", "iomar"]  # moma_ppo: test_moma_ppo.py
+RESUMABLE = ["ibc", "iql_central", "maiql", "matd3bc", "itd3bc", "icql", "iomar"]  # moma_ppo, maiql_ft: their own tests
 
 
 @pytest.mark.parametrize("script", RESUMABLE)
