@@ -467,7 +467,7 @@ def main(args: Args) -> dict:
                 writer.add_scalar("losses/q_values", q_data.mean().item(), step)
                 writer.add_scalar("losses/rectification", rectification.item(), step)
                 writer.add_scalar("losses/search_wins", search_wins.item(), step)
-                writer.add_scalar("charts/SPS", step / (time.time() - start_time), step)  # not rounded: below 1 on a CPU
+                writer.add_scalar("charts/SPS", (step - start_step) / (time.time() - start_time), step)  # not rounded: below 1 on a CPU
             if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:
                 ret, score = evaluate()
                 writer.add_scalar("eval/return", ret, step)
