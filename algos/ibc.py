@@ -238,11 +238,7 @@ def main(args: Args) -> dict:
 
     start_step, previous_seconds = 0, 0.0
     if checkpoint is not None:
-        policy.load_state_dict(checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        data.set_rng_state(checkpoint["rng"])
-        start_step, previous_seconds = checkpoint["step"], checkpoint.get("wall_seconds", 0.0)
-        print(f"resuming {run_dir} at step {start_step}", flush=True)
+        start_step, previous_seconds = data.restore(checkpoint, run_dir, policy=policy, optimizer=optimizer)
     wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
 
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation

@@ -349,15 +349,10 @@ def main(args: Args) -> dict:
 
     start_step, previous_seconds = 0, 0.0
     if checkpoint is not None:
-        policy.load_state_dict(checkpoint["policy"])
-        policy_target.load_state_dict(checkpoint["policy_target"])
-        critics.load_state_dict(checkpoint["critics"])
-        critics_target.load_state_dict(checkpoint["critics_target"])
-        critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
-        actor_optimizer.load_state_dict(checkpoint["actor_optimizer"])
-        data.set_rng_state(checkpoint["rng"])
-        start_step, previous_seconds = checkpoint["step"], checkpoint.get("wall_seconds", 0.0)
-        print(f"resuming {run_dir} at step {start_step}", flush=True)
+        start_step, previous_seconds = data.restore(
+            checkpoint, run_dir, policy=policy, policy_target=policy_target, critics=critics,
+            critics_target=critics_target, critic_optimizer=critic_optimizer, actor_optimizer=actor_optimizer
+        )
     wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
 
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation

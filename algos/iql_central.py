@@ -296,16 +296,10 @@ def main(args: Args) -> dict:
 
     start_step, previous_seconds = 0, 0.0
     if checkpoint is not None:
-        qf.load_state_dict(checkpoint["qf"])
-        qf_target.load_state_dict(checkpoint["qf_target"])
-        vf.load_state_dict(checkpoint["vf"])
-        policy.load_state_dict(checkpoint["policy"])
-        q_optimizer.load_state_dict(checkpoint["q_optimizer"])
-        v_optimizer.load_state_dict(checkpoint["v_optimizer"])
-        policy_optimizer.load_state_dict(checkpoint["policy_optimizer"])
-        data.set_rng_state(checkpoint["rng"])
-        start_step, previous_seconds = checkpoint["step"], checkpoint.get("wall_seconds", 0.0)
-        print(f"resuming {run_dir} at step {start_step}", flush=True)
+        start_step, previous_seconds = data.restore(
+            checkpoint, run_dir, qf=qf, qf_target=qf_target, vf=vf, policy=policy, q_optimizer=q_optimizer,
+            v_optimizer=v_optimizer, policy_optimizer=policy_optimizer
+        )
     wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
 
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation

@@ -595,21 +595,13 @@ def main(args: Args) -> dict:
                 f"MAIQL-ft's budget fixes its offline/fine-tuning split and online schedule: resume without "
                 f"--total-steps (saved: {checkpoint['args']['total_steps']})"
             )
-        qf.load_state_dict(checkpoint["qf"])
-        qf_target.load_state_dict(checkpoint["qf_target"])
-        vf.load_state_dict(checkpoint["vf"])
-        policy.load_state_dict(checkpoint["policy"])
-        if memory is not None:
-            memory.load_state_dict(checkpoint["memory"])
-            memory_target.load_state_dict(checkpoint["memory_target"])
-        for name, (optimizer, _) in optimizers.items():
-            optimizer.load_state_dict(checkpoint[f"{name}_optimizer"])
         replay.load_online_rows(checkpoint["online_rows"])
-        rollouts.load_state_dict(checkpoint["rollouts"])
         offline_score = checkpoint["offline_score"]
-        data.set_rng_state(checkpoint["rng"])
-        start_step, previous_seconds = checkpoint["step"], checkpoint.get("wall_seconds", 0.0)
-        print(f"resuming {run_dir} at step {start_step}", flush=True)
+        start_step, previous_seconds = data.restore(
+            checkpoint, run_dir, qf=qf, qf_target=qf_target, vf=vf, policy=policy, rollouts=rollouts,
+            **({"memory": memory, "memory_target": memory_target} if memory is not None else {}),
+            **{f"{name}_optimizer": optimizer for name, (optimizer, _) in optimizers.items()},
+        )  # fmt: skip
     wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
 
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation

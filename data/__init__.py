@@ -297,6 +297,16 @@ def resume(args):
     return saved, path.parent, checkpoint
 
 
+def restore(checkpoint: dict, run_dir: Path, **stateful) -> tuple[int, float]:
+    """Load each named object (a module or optimiser) from the checkpoint's entry of that name and
+    torch's generators from its "rng"; returns the step to go on from and the run's seconds so far."""
+    for name, target in stateful.items():
+        target.load_state_dict(checkpoint[name])
+    set_rng_state(checkpoint["rng"])
+    print(f"resuming {run_dir} at step {checkpoint['step']}", flush=True)
+    return checkpoint["step"], checkpoint.get("wall_seconds", 0.0)
+
+
 def save_checkpoint(run_dir: Path, state: dict) -> None:
     """Write `state` to run_dir/model.pt atomically: an interrupted write leaves the previous one intact."""
     import torch
