@@ -638,6 +638,51 @@ def restart_history(ended: torch.Tensor, fresh: tuple, kept: tuple) -> tuple:
     )
 
 
+@torch.no_grad()
+def synthetic_rollouts(env, policies, model_step, sample_starts, args) -> tuple[dict, tuple, tuple]:
+    """One batch of section 3.2's rollouts: b = --rollout-batch slots of k = --rollout-length steps, every
+    slot, agent and ensemble member at once (no Python loop but the one over time).
+
+    Each slot starts from a dataset state (and its history) drawn by sample_starts(n); at every step the
+    agents sample their actions, model_step(states, actions) gives the next state, reward, terminal and
+    uncertainties, the reward is penalised and the step times out once eps_g >= l_eps or at t = k - 1.
+    A slot that ended (terminal or time-out) restarts at once from a fresh dataset state, so the batch
+    always holds k * b transitions. Returns the transitions as [k, b, ...] tensors (actions and log-probs
+    [k, N, b, ...]) and, with memory, the histories before each state and each next state, flattened to
+    ([N, k * b, K, O], [N, k * b, K, ...], mask [k * b, K]); () without memory."""
+    k, b = args.rollout_length, args.rollout_batch
+    states, past = sample_starts(b)
+    buffer = defaultdict(list)
+    for t in range(k):
+        obs = env.observe(states).transpose(0, 1)  # [N, b, O]
+        with torch.autocast(states.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            dist = policies.distribution(policies.features(obs, *past))
+        actions = dist.sample()  # [N, b, ...]
+        next_states, reward, terminal, eps_r, eps_g, aleatoric = model_step(states, actions)
+        timeout = adaptive_timeout(eps_g, args.l_eps) | (t == k - 1)
+        penalty = uncertainty_penalty(eps_r, eps_g, aleatoric, args)
+        next_past = extend_history(past, obs, actions)
+        transition = dict(
+            states=states, actions=actions, log_probs=policies.log_prob_dims(dist, actions), rewards=reward - penalty,
+            masks=1.0 - terminal.float(), timeout_masks=1.0 - timeout.float(), next_states=next_states,
+            past=past, next_past=next_past,
+        )  # fmt: skip
+        for key, x in transition.items():
+            buffer[key].append(x)
+        # a finished slot restarts from a fresh dataset state (and its history)
+        fresh_states, fresh_past = sample_starts(b)
+        ended = terminal | timeout
+        states = torch.where(ended[:, None], fresh_states, next_states)
+        past = restart_history(ended, fresh_past, next_past)
+    # the histories [k, N, b, K, ...] become [N, k * b, K, ...] and their masks [k * b, K]
+    past, next_past = (
+        tuple(torch.stack(x).transpose(0, 1).flatten(1, 2) if x[0].dim() > 2 else torch.stack(x).flatten(0, 1)
+              for x in zip(*buffer.pop(key)))
+        for key in ("past", "next_past")
+    )  # fmt: skip
+    return {key: torch.stack(x) for key, x in buffer.items()}, past, next_past
+
+
 def value_range(dataset_rewards: np.ndarray, args) -> tuple[float, float]:
     """The discounted returns that (penalised) rewards within the dataset's range allow: values outside
     it are wrong, so GAE clips to it and the value function cannot chase its bootstraps to infinity."""
@@ -813,38 +858,9 @@ def main(args: Args) -> dict:
             if args.anneal_lr:
                 for group, base in zip(optimizer.param_groups, base_learning_rates):
                     group["lr"] = base * (1 - (step - 1) / args.total_steps)
-            # -- synthetic rollouts through the world model, all slots and agents at once --
-            states, past = sample_starts(b)
-            buffer = defaultdict(list)
+            # -- synthetic rollouts through the world model, then their values and advantages --
+            rollout, past, next_past = synthetic_rollouts(env, policies, model_step, sample_starts, args)
             with torch.no_grad():
-                for t in range(k):
-                    obs = env.observe(states).transpose(0, 1)  # [N, b, O]
-                    with amp():
-                        dist = policies.distribution(policies.features(obs, *past))
-                    actions = dist.sample()  # [N, b, ...]
-                    next_states, reward, terminal, eps_r, eps_g, aleatoric = model_step(states, actions)
-                    timeout = adaptive_timeout(eps_g, args.l_eps) | (t == k - 1)
-                    penalty = uncertainty_penalty(eps_r, eps_g, aleatoric, args)
-                    next_past = extend_history(past, obs, actions)
-                    transition = dict(
-                        states=states, actions=actions, log_probs=policies.log_prob_dims(dist, actions), rewards=reward - penalty,
-                        masks=1.0 - terminal.float(), timeout_masks=1.0 - timeout.float(), next_states=next_states,
-                        past=past, next_past=next_past,
-                    )  # fmt: skip
-                    for key, x in transition.items():
-                        buffer[key].append(x)
-                    # a finished slot restarts from a fresh dataset state (and its history)
-                    fresh_states, fresh_past = sample_starts(b)
-                    ended = terminal | timeout
-                    states = torch.where(ended[:, None], fresh_states, next_states)
-                    past = restart_history(ended, fresh_past, next_past)
-                # [k, ...]; the histories [k, N, b, K, ...] become [N, k * b, K, ...] and masks [k * b, K]
-                past, next_past = (
-                    tuple(torch.stack(x).transpose(0, 1).flatten(1, 2) if x[0].dim() > 2 else torch.stack(x).flatten(0, 1)
-                          for x in zip(*buffer.pop(key)))
-                    for key in ("past", "next_past")
-                )  # fmt: skip
-                rollout = {key: torch.stack(x) for key, x in buffer.items()}
                 obs = env.observe(rollout["states"]).permute(2, 0, 1, 3).flatten(1, 2)  # [N, k * b, O]
                 next_obs = env.observe(rollout["next_states"]).permute(2, 0, 1, 3).flatten(1, 2)
                 flat_states = rollout["states"].flatten(0, 1)

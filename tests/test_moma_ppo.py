@@ -336,3 +336,130 @@ def test_anneal_lr_decays_every_learning_rate_linearly(tmp_path):
     (run_dir,) = tmp_path.glob("*__*")
     (group,) = torch.load(run_dir / "model.pt", weights_only=False)["optimizer"]["param_groups"]
     assert group["lr"] == pytest.approx(moma_ppo.TASK_DEFAULTS["coordination"]["learning_rate"] / 4)  # last step: 1 - 3/4
+
+
+def _one_agent(module: torch.nn.Module, agent: int, n_agents: int) -> torch.nn.Module:
+    """A copy of a batched per-agent module that holds only `agent`'s weights (leading axis of length 1)."""
+    copied = copy.deepcopy(module)
+    for tensor in [*copied.parameters(), *copied.buffers()]:
+        if tensor.dim() and tensor.shape[0] == n_agents:
+            tensor.data = tensor.data[agent : agent + 1].clone()
+    return copied
+
+
+def test_batched_rollouts_equal_a_step_by_step_reference(tmp_path):
+    """synthetic_rollouts steps all slots, agents and ensemble members at once; here every slot is replayed one
+    step, one agent and one member at a time (members' weights sliced out, numpy covariance) and must agree:
+    log-probabilities, penalised rewards, terminal votes, time-outs, restarts and histories."""
+    from types import SimpleNamespace
+
+    import data
+    from data import mujoco_datasets
+
+    torch.manual_seed(0)
+    env = envs.make("reacher", "independent")
+    path = tmp_path / "tiny.npz"
+    np.savez(path, **mujoco_datasets.build("reacher", "expert-mix", size=200))
+    dataset = data.load(env, str(path))
+    n, members, memory, k, b = env.n_agents, 5, 3, 5, 6
+    state_mean, state_std = dataset.stats("states")
+    stats = dict(
+        state_mean=state_mean, state_std=state_std, target_mean=np.zeros(env.state_dim + 1),
+        target_std=np.full(env.state_dim + 1, 0.1), state_low=dataset.states.min(0), state_high=dataset.states.max(0),
+        reward_low=dataset.rewards.min(), reward_high=dataset.rewards.max(),
+    )  # fmt: skip
+    model = moma_ppo.WorldModel(members, env.state_dim, n * env.act_dim, 16, 1, stats)
+    with torch.no_grad():  # (almost) no aleatoric noise: a sampled next state is one member's mean
+        q = env.state_dim + 1
+        model.net[-1].weight[:, :, q : 2 * q] = 0.0
+        model.net[-1].bias[:, :, q : 2 * q] = -30.0
+    obs_mean, obs_std = dataset.stats("observations")
+    policies = moma_ppo.GaussianPolicies(env, 16, obs_mean, obs_std, memory=memory, memory_dim=8)
+
+    states_table = torch.as_tensor(dataset.states)
+    episode_first = torch.as_tensor(dataset.episode_first())
+    dataset_obs = torch.as_tensor(dataset.observations).transpose(0, 1)
+    dataset_actions = torch.as_tensor(dataset.actions).transpose(0, 1)
+
+    def history(idx):
+        past, mask = data.history_index(episode_first[idx], idx, memory)
+        return dataset_obs[:, past], dataset_actions[:, past], mask
+
+    draws = []  # the dataset rows of every call: the first starts, then the fresh ones after each step
+
+    def sample_starts(count):
+        idx = torch.randint(len(states_table), (count,))
+        draws.append(idx)
+        return states_table[idx], history(idx)
+
+    def model_step(states, actions):
+        return model.step(states, policies.encode(actions.transpose(0, 1)))
+
+    # a threshold in the middle of the model's uncertainties, so that some rollouts time out early and some do not
+    probe = torch.randint(len(states_table), (200,))
+    *_, probe_eps_g, _ = model.step(states_table[probe], torch.rand(200, n * env.act_dim) * 2 - 1)
+    args = SimpleNamespace(
+        rollout_length=k, rollout_batch=b, l_eps=probe_eps_g.median().item(), lambda_r=0.5, lambda_g=1.0,
+        penalty="epistemic", bf16=False,
+    )  # fmt: skip
+    rollout, past, next_past = moma_ppo.synthetic_rollouts(env, policies, model_step, sample_starts, args)
+    assert rollout["states"].shape == (k, b, env.state_dim) and rollout["actions"].shape == (k, n, b, env.act_dim)
+    assert past[0].shape == (n, k * b, memory, env.obs_dim) and past[2].shape == (k * b, memory)
+
+    agents = [_one_agent(policies, j, n) for j in range(n)]
+    single_members = []
+    for m in range(members):
+        single = copy.deepcopy(model)
+        single.keep(torch.tensor([m]))
+        single_members.append(single)
+    early_timeouts = continued = 0
+    for i in range(b):
+        for t in range(k):
+            row, s, a = t * b + i, rollout["states"][t, i], rollout["actions"][t, :, i]  # a: [N, A]
+            # where the slot stands: its first start, a fresh start after it ended, or the previous next state
+            ended_before = t > 0 and (rollout["masks"][t - 1, i] == 0 or rollout["timeout_masks"][t - 1, i] == 0)
+            if t == 0 or ended_before:
+                start = draws[t][i : i + 1]
+                torch.testing.assert_close(s, states_table[start][0])
+                expected_past = history(start)
+            else:
+                torch.testing.assert_close(s, rollout["next_states"][t - 1, i])
+                expected_past = tuple(x[:, row - b] if x.dim() > 2 else x[row - b] for x in next_past)
+                expected_past = tuple(x.unsqueeze(-3 if x.dim() > 2 else 0) for x in expected_past)
+            for got, expected in zip(past, expected_past):
+                torch.testing.assert_close(got[:, row : row + 1] if got.dim() > 2 else got[row : row + 1], expected)
+            # the history before the next state: this one's, shifted by the step just taken
+            obs = env.observe(s[None]).transpose(0, 1)  # [N, 1, O]
+            torch.testing.assert_close(next_past[0][:, row, -1], obs[:, 0])
+            torch.testing.assert_close(next_past[0][:, row, :-1], past[0][:, row, 1:])
+            torch.testing.assert_close(next_past[1][:, row, -1], a)
+            assert next_past[2][row, -1] and torch.equal(next_past[2][row, :-1], past[2][row, 1:])
+            # each agent alone: its own weights, its own observation and history
+            for j, agent in enumerate(agents):
+                agent_past = (past[0][j : j + 1, row : row + 1], past[1][j : j + 1, row : row + 1], past[2][row : row + 1])
+                dist = agent.distribution(agent.features(obs[j : j + 1], *agent_past))
+                torch.testing.assert_close(dist.log_prob(a[j]).view(-1), rollout["log_probs"][t, j, i], rtol=1e-4, atol=1e-4)
+            # each member alone, then the ensemble statistics of section 3.1 by numpy
+            encoded = a.clamp(-1, 1).reshape(1, 1, -1)
+            predictions, votes = [], []
+            for single in single_members:
+                mean, _, logit = single(s.view(1, 1, -1), encoded)
+                predictions.append((mean * model.target_std + model.target_mean)[0, 0].detach().double().numpy())
+                votes.append(logit.item() > 0)
+            predictions = np.stack(predictions)  # [members, S + 1]: next-state change and reward
+            x = np.concatenate([s.double().numpy() + predictions[:, :-1], predictions[:, -1:]], 1)
+            eps_r, eps_g = np.var(x[:, -1], ddof=1), np.linalg.norm(np.cov(x, rowvar=False, ddof=1), "fro")
+            reward = np.clip(x[:, -1].mean(), stats["reward_low"], stats["reward_high"])
+            penalty = args.lambda_r * min(eps_r, args.l_eps) + args.lambda_g * min(eps_g, args.l_eps)
+            assert rollout["rewards"][t, i].item() == pytest.approx(reward - penalty, rel=1e-4, abs=1e-4)
+            assert rollout["masks"][t, i].item() == (0.0 if sum(votes) > members / 2 else 1.0)
+            timed_out = eps_g >= args.l_eps or t == k - 1
+            assert rollout["timeout_masks"][t, i].item() == (0.0 if timed_out else 1.0)
+            early_timeouts += eps_g >= args.l_eps and t < k - 1
+            continued += not timed_out
+            # the next state is one member's prediction (up to noise of std 0.1 e^-5 < 1e-3), clipped to the dataset's
+            # bounding box
+            clipped = np.clip(x[:, :-1], stats["state_low"], stats["state_high"])
+            distances = np.abs(clipped - rollout["next_states"][t, i].double().numpy()).max(1)
+            assert distances.min() < 5e-3
+    assert early_timeouts and continued  # both branches of the adaptive time-out were exercised
