@@ -244,6 +244,7 @@ def main(args: Args) -> dict:
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
     # runs without autocast)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    progress = data.Progress(args.total_steps, start_step)  # a line a minute between evaluations
     with data.stop_requests() as stop:
         for step in range(start_step + 1, args.total_steps + 1):
             with bf16:
@@ -255,6 +256,7 @@ def main(args: Args) -> dict:
                 optimizer.step()
 
             if step % 100 == 0:
+                progress(step, bc_loss=loss)
                 writer.add_scalar("losses/bc_loss", loss.item(), step)
                 writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start_time)), step)
             if args.eval_every and step % args.eval_every == 0 and step < args.total_steps:

@@ -358,6 +358,7 @@ def main(args: Args) -> dict:
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
     # runs without autocast)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    progress = data.Progress(args.total_steps, start_step)  # a line a minute between evaluations
     with data.stop_requests() as stop:
         for step in range(start_step + 1, args.total_steps + 1):
             with bf16:
@@ -401,6 +402,7 @@ def main(args: Args) -> dict:
                                 p_target.lerp_(p, args.tau)
 
             if step % 100 == 0:
+                progress(step, td_loss=td_loss, cql_loss=cql_loss, q_values=q_data.mean())
                 writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
                 writer.add_scalar("losses/td_loss", td_loss.item(), step)
                 writer.add_scalar("losses/cql_loss", cql_loss.item(), step)

@@ -305,6 +305,7 @@ def main(args: Args) -> dict:
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
     # runs without autocast)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    progress = data.Progress(args.total_steps, start_step)  # a line a minute between evaluations
     with data.stop_requests() as stop:
         for step in range(start_step + 1, args.total_steps + 1):
             with bf16:
@@ -337,6 +338,7 @@ def main(args: Args) -> dict:
                         p_target.lerp_(p, args.tau)
 
             if step % 100 == 0:
+                progress(step, q_loss=q_loss, v_loss=v_loss, q_values=q.mean())
                 writer.add_scalar("losses/q_loss", q_loss.item(), step)
                 writer.add_scalar("losses/v_loss", v_loss.item(), step)
                 writer.add_scalar("losses/policy_loss", policy_loss.item(), step)

@@ -323,6 +323,7 @@ def main(args: Args) -> dict:
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
     # runs without autocast)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    progress = data.Progress(args.total_steps, start_step)  # a line a minute between evaluations
     with data.stop_requests() as stop:
         for step in range(start_step + 1, args.total_steps + 1):
             with bf16:
@@ -360,6 +361,7 @@ def main(args: Args) -> dict:
                                 p_target.lerp_(p, args.tau)
 
             if step % 100 == 0:
+                progress(step, critic_loss=critic_loss, bc_loss=bc_loss, q_values=q.mean())
                 writer.add_scalar("losses/critic_loss", critic_loss.item(), step)
                 writer.add_scalar("losses/actor_loss", actor_loss.item(), step)
                 writer.add_scalar("losses/bc_loss", bc_loss.item(), step)

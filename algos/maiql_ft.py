@@ -607,6 +607,7 @@ def main(args: Args) -> dict:
     # --bf16: the training steps' matmuls in bfloat16 (the layers hand back float32, and evaluation
     # runs without autocast)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    progress = data.Progress(args.total_steps, start_step)  # a line a minute between evaluations
     with data.stop_requests() as stop:
         for step in range(start_step + 1, args.total_steps + 1):
             if step > offline_steps:  # fine-tuning: keep the online data on schedule, then sample from everything
@@ -617,6 +618,7 @@ def main(args: Args) -> dict:
                 logs = update(replay.sample(idx))
 
             if step % 100 == 0:
+                progress(step, q_loss=logs["q_loss"], v_loss=logs["v_loss"], q_values=logs["q_values"], online=replay.size - T)
                 for name, value in logs.items():
                     writer.add_scalar(f"losses/{name}", value.item(), step)
                 if not categorical:

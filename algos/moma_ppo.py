@@ -853,6 +853,7 @@ def main(args: Args) -> dict:
     wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
 
     timed_from, ppo_start = start_step, time.time()  # speed is measured after the first learning step (compilation)
+    progress = data.Progress(args.total_steps, start_step)  # a line a minute between evaluations
     with data.stop_requests() as stop:
         for step in range(start_step + 1, args.total_steps + 1):
             if args.anneal_lr:
@@ -912,6 +913,7 @@ def main(args: Args) -> dict:
             writer.add_scalar("losses/entropy_alpha", entropy_alpha.mean().item(), step)
             writer.add_scalar("charts/synthetic_reward", rollout["rewards"].mean().item(), step)
             writer.add_scalar("charts/timeout_rate", 1 - rollout["timeout_masks"][:-1].mean().item(), step)
+            progress(step, synthetic_reward=rollout["rewards"].mean(), timeout_rate=1 - rollout["timeout_masks"][:-1].mean())
             if step == start_step + 1 < args.total_steps:
                 timed_from, ppo_start = step, time.time()
             else:

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -276,6 +277,28 @@ def stop_requests():
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
+
+
+class Progress:
+    """Between evaluations (which can be an hour apart on ant), one line at most every `seconds` saying
+    where a run stands: the step, the speed, the time left, and the numbers it is given (tensors are
+    read only when a line is printed, so calling it every step costs nothing)."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, seconds: float = 60.0):
+        self.total, self.seconds = total_steps, seconds
+        self.start_step, self.start = start_step, time.time()
+        self.last = self.start
+
+    def __call__(self, step: int, **values) -> None:
+        now = time.time()
+        if now - self.last < self.seconds or step <= self.start_step:
+            return
+        self.last = now
+        rate = (step - self.start_step) / max(now - self.start, 1e-9)
+        left = (self.total - step) / rate
+        left = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+        numbers = "".join(f", {name} {float(value):.4g}" for name, value in values.items())
+        print(f"step {step:,}/{self.total:,}: {rate:.3g} steps/s, {left} left{numbers}", flush=True)
 
 def resume(args):
     """For `--resume RUN`: the settings RUN was started with (keeping a newly given --total-steps),

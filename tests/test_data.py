@@ -189,3 +189,21 @@ def test_resume_reads_the_saved_settings_keeps_a_new_budget_and_drops_unknown_on
     first = torch.rand(3)
     data.set_rng_state(state)
     assert torch.equal(torch.rand(3), first)
+
+
+def test_progress_prints_a_line_at_most_every_interval_with_speed_time_left_and_values(monkeypatch, capsys):
+    import torch
+
+    clock = [1000.0]
+    monkeypatch.setattr(data.time, "time", lambda: clock[0])
+    progress = data.Progress(total_steps=10_000, start_step=4_000, seconds=60)
+    for now, step in ((1030.0, 4_100), (1100.0, 4_200), (1150.0, 4_300), (1200.0, 4_400)):
+        clock[0] = now
+        progress(step, loss=torch.tensor(0.123456), rate=2)
+    lines = capsys.readouterr().out.splitlines()
+    # 30 s: too early; 100 s: 200 steps since the start (resumed at 4,000) -> 2 steps/s, 5,800 steps left = 48 min;
+    # 150 s: 50 s after the last line; 200 s: 400 steps in 200 s, 5,600 steps left = 47 min
+    assert lines == [
+        "step 4,200/10,000: 2 steps/s, 48 min left, loss 0.1235, rate 2",
+        "step 4,400/10,000: 2 steps/s, 47 min left, loss 0.1235, rate 2",
+    ]
