@@ -11,8 +11,8 @@
 Each run is one call of a script's main() inside a worker process (one worker per core,
 one torch thread each), so the scripts' import time is paid once per worker. Every
 finished run is appended at once to benchmark/results/table{N}.csv (one row per run):
-an interrupted grid resumes where it stopped, skipping the rows already there
-(--overwrite starts over). The markdown table (mean ± standard error over seeds, the
+an interrupted grid resumes where it stopped, skipping the rows already there, and each
+run it left unfinished goes on from its last checkpoint (--overwrite starts over). The markdown table (mean ± standard error over seeds, the
 paper's numbers beside ours) is written to benchmark/results/table{N}.md and into
 README.md between the table's markers.
 """
@@ -27,7 +27,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -139,22 +139,47 @@ class Args:
 _modules: dict = {}
 
 
+def script_module(script: str):
+    """algos/{script}.py as a module, imported once per process."""
+    if script not in _modules:
+        spec = importlib.util.spec_from_file_location(script, ROOT / "algos" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _modules[script] = module
+    return _modules[script]
+
+
 def run_one(job: tuple[str, list[str]]) -> dict:
     """Worker: run one script's main() with command-line arguments, quietly."""
     import torch
 
     torch.set_num_threads(1)
     script, argv = job
-    if script not in _modules:
-        spec = importlib.util.spec_from_file_location(script, ROOT / "algos" / f"{script}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _modules[script] = module
-    module = _modules[script]
+    module = script_module(script)
     with contextlib.redirect_stdout(io.StringIO()):
         result = module.main(tyro.cli(module.Args, args=argv))
     result["curve"] = learning_curve(Path(result["run_dir"]))
     return result
+
+
+def unfinished_run(script: str, argv: list[str]) -> Path | None:
+    """The folder of an interrupted run of exactly this job, if there is one to go on from: same script,
+    same settings (every flag the job sets, and the task defaults for those it leaves unset) and same
+    budget, with a checkpoint (model.pt) and no result.json. The newest such folder wins."""
+    import torch
+
+    module = script_module(script)
+    wanted = asdict(tyro.cli(module.Args, args=argv))
+    defaults = getattr(module, "TASK_DEFAULTS", {}).get(wanted["task"], {})
+    wanted = {key: defaults.get(key) if value is None else value for key, value in wanted.items()}
+    prefix = f"{wanted['task']}-{wanted['obs']}-{Path(wanted['dataset']).stem}__{script}__{wanted['seed']}__"
+    for folder in sorted(Path(wanted["runs_dir"]).glob(f"{prefix}*"), reverse=True):
+        if (folder / "result.json").exists() or not (folder / "model.pt").exists():
+            continue
+        saved = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)["args"]
+        if all(saved.get(key) == value for key, value in wanted.items() if value is not None):
+            return folder
+    return None
 
 
 def learning_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -420,6 +445,12 @@ def main(args: Args) -> None:
         ]
         if len(done):
             print(f"resuming: {len(done)} runs already in {csv_path.relative_to(ROOT)} (--overwrite to redo them)")
+        # a run the last grid left unfinished (Ctrl-C, or the machine stopped) goes on from its checkpoint
+        for i, (algo, argv) in enumerate(jobs):
+            folder = None if args.overwrite else unfinished_run(algo, argv)
+            if folder is not None:
+                jobs[i] = (algo, ["--resume", str(folder)])
+                print(f"{folder}: interrupted, goes on from its checkpoint")
         start = time.time()
         with results_writer(csv_path, rows) as record, mp.get_context("spawn").Pool(args.workers) as pool:
             for i, result in enumerate(pool.imap_unordered(run_one, jobs), 1):

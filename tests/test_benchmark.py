@@ -120,3 +120,26 @@ def test_rollout_diagnosis_compares_model_and_simulator(small_reacher_dataset, t
     assert lines[1].startswith("reward per step over 3 steps: world model ")
     assert len(lines[2].split()) == 1 + 3 and len(lines[3].split()) == 1 + 3  # "model:" / "simulator:" and 3 rewards
     assert [x.split(":")[0] for x in lines[5].split()] == ["0", "10"]  # 20 steps, a mean every 10
+
+
+def test_an_interrupted_grid_run_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
+    """A run folder with a checkpoint and no result.json is picked up again by a grid job with the same script,
+    settings and budget, and only by such a job."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)  # the grid's runs go to ./runs
+    threads = torch.get_num_threads()
+    argv = ["--task", "coordination", "--obs", "fo", "--dataset", "unfavorable", "--seed", "1", "--total-steps", "20",
+            "--eval-every", "0", "--eval-episodes", "2"]  # fmt: skip
+    try:
+        result = run.run_one(("ibc", argv))
+    finally:
+        torch.set_num_threads(threads)
+    folder = tmp_path / result["run_dir"]
+    assert run.unfinished_run("ibc", argv) is None  # finished: nothing to go on with
+    (folder / "result.json").unlink()  # as if stopped before the end, with its last checkpoint saved
+    assert run.unfinished_run("ibc", argv) == folder.relative_to(tmp_path)
+    assert run.unfinished_run("ibc", [*argv[:-6], "--total-steps", "30", *argv[-4:]]) is None  # another budget
+    assert run.unfinished_run("ibc", [*argv, "--learning-rate", "1e-3"]) is None  # another setting
+    assert run.unfinished_run("ibc", [*argv[:7], "0", *argv[8:]]) is None  # another seed
+    assert run.unfinished_run("maiql", argv) is None  # another script
