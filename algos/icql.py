@@ -78,7 +78,7 @@ class Args:
     resume: str | None = None
     """a run folder (or its model.pt) to continue: its settings, weights, optimisers, RNG state and step are
     restored and the run goes on in that folder (--total-steps, if given, replaces the saved budget)"""
-    save_every: int = 10_000
+    save_every: int = 2_000
     """gradient steps between checkpoints (model.pt, everything needed to resume); Ctrl-C and SIGTERM also save one"""
     batch_size: int = 256
     """transitions per gradient step"""

@@ -74,7 +74,8 @@ class Args:
     """a run folder (or its model.pt) to continue: its settings, weights, optimisers, online data, rollouts, RNG
     state and step are restored and the run goes on in that folder (with its saved budget, which fixes the split)"""
     save_every: int = 10_000
-    """gradient steps between checkpoints (model.pt, everything needed to resume); Ctrl-C and SIGTERM also save one"""
+    """gradient steps between checkpoints (model.pt, everything needed to resume); Ctrl-C and SIGTERM also save one.
+    Less often than the other scripts (2,000): a checkpoint holds the online data, up to the dataset's size"""
     batch_size: int = 256
     """transitions per gradient step"""
     learning_rate: float = 3e-4

@@ -130,7 +130,7 @@ class Args:
     """a run folder (or its model.pt) to continue: its settings, weights, optimiser, RNG state and step are
     restored and the run goes on in that folder (--total-steps, if given, replaces the saved budget)"""
     save_every: int = 100
-    """learning steps between checkpoints (model.pt, everything needed to resume); Ctrl-C also saves one"""
+    """learning steps between checkpoints (model.pt, everything needed to resume); Ctrl-C and SIGTERM also save one"""
 
     # synthetic rollouts (section 3.2)
     rollout_batch: int = 200
