@@ -122,7 +122,7 @@ class Args:
     """run only these observation settings (e.g. po); default: all of the table's"""
     total_steps: int | None = None
     """training budget of every run (default: each script's own, the paper's); runs of another budget are kept
-    apart: the table shows, per cell, the runs of its largest budget"""
+    apart: the table shows, per cell, the budget run with the most seeds (the largest of those); the curves show all"""
     eval_every: int | None = None
     """evaluate every this many steps during training (default: each script's own; 0: only at the end)"""
     overwrite: bool = False
@@ -198,11 +198,22 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def cell_budgets(rows: list[dict], algo: str, obs: str, dataset: str) -> dict[int, list[dict]]:
+    """The runs of one cell, by training budget."""
+    budgets = {}
+    for r in rows:
+        if (r["algo"], r.get("obs") or "fo", r["dataset"]) == (algo, obs, dataset):
+            budgets.setdefault(int(r["total_steps"]), []).append(r)
+    return budgets
+
+
 def cell_runs(rows: list[dict], algo: str, obs: str, dataset: str) -> list[dict]:
-    """The runs of one cell with the largest budget among them."""
-    runs = [r for r in rows if (r["algo"], r.get("obs") or "fo", r["dataset"]) == (algo, obs, dataset)]
-    budget = max((int(r["total_steps"]) for r in runs), default=0)
-    return [r for r in runs if int(r["total_steps"]) == budget]
+    """The runs the table shows for one cell: the budget run with the most seeds, the largest of those.
+    A longer budget started on one seed (to see where a curve goes) does not replace three seeds of a shorter one."""
+    budgets = cell_budgets(rows, algo, obs, dataset)
+    if not budgets:
+        return []
+    return budgets[max(budgets, key=lambda steps: (len({r["seed"] for r in budgets[steps]}), steps))]
 
 
 def summary_table(table: str, rows: list[dict]) -> str:
@@ -263,16 +274,15 @@ def curves_table(table: str, rows: list[dict]) -> str:
     lines = ["| algorithm | setting | steps | seeds | mean normalized score at each evaluation |", "|---|---|---|---|---|"]
     for row, row_title in spec["rows"]:
         for algo, algo_title in spec["algos"]:
-            runs = cell_runs(rows, algo, *row)
-            if not runs:
-                continue
-            budget, seeds = runs[0]["total_steps"], {r["seed"] for r in runs}
-            points = [r for r in curves if (r["algo"], r["obs"], r["dataset"]) == (algo, *row)
-                      and r["total_steps"] == budget and r["seed"] in seeds]  # fmt: skip
-            steps = sorted({int(r["step"]) for r in points})
-            means = [np.mean([float(r["normalized_score"]) for r in points if int(r["step"]) == t]) for t in steps]
-            text = ", ".join(f"{t:,}: {m:.2f}" for t, m in zip(steps, means)) or "not recorded"
-            lines.append(f"| {algo_title} | {row_title} | {int(budget):,} | {len(seeds)} | {text} |")
+            # Every budget of the cell, not only the one in the table: longer runs show where the curve goes.
+            for budget, runs in sorted(cell_budgets(rows, algo, *row).items()):
+                seeds = {r["seed"] for r in runs}
+                points = [r for r in curves if (r["algo"], r["obs"], r["dataset"]) == (algo, *row)
+                          and int(r["total_steps"]) == budget and r["seed"] in seeds]  # fmt: skip
+                steps = sorted({int(r["step"]) for r in points})
+                means = [np.mean([float(r["normalized_score"]) for r in points if int(r["step"]) == t]) for t in steps]
+                text = ", ".join(f"{t:,}: {m:.2f}" for t, m in zip(steps, means)) or "not recorded"
+                lines.append(f"| {algo_title} | {row_title} | {budget:,} | {len(seeds)} | {text} |")
     return "\n".join(lines) + "\n"
 
 

@@ -54,7 +54,7 @@ def test_add_records_each_run_and_its_curve_once(tmp_path):
     assert len(rows) == 2
 
 
-def test_summary_shows_each_cells_largest_budget_and_names_the_rows_of_each_budget():
+def test_summary_shows_each_cells_best_covered_budget_and_names_the_rows_of_each_budget(tmp_path, monkeypatch):
     def row(dataset, seed, score, steps):
         return dict(algo="moma_ppo", obs="fo", dataset=dataset, seed=str(seed), normalized_score=str(score),
                     wall_seconds="60", total_steps=str(steps))  # fmt: skip
@@ -66,6 +66,19 @@ def test_summary_shows_each_cells_largest_budget_and_names_the_rows_of_each_budg
     assert "**1.10 ± 0.10** (1.29 ± 0.06)" in table
     assert "moma_ppo 3,000 (FO ant-medium), moma_ppo 6,000 (FO ant-expert)." in table
     assert "4 runs, 4.0 CPU-minutes" in table
+
+    # One seed of a longer budget does not replace two seeds of a shorter one; the curves show both.
+    rows.append(row("medium", 0, 0.2, 10000))
+    table = run.summary_table("4b", rows)
+    assert "**1.10 ± 0.10** (1.29 ± 0.06)" in table and "**0.20**" not in table
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    curves = tmp_path / "table4_curves.csv"
+    curves.write_text("algo,task,obs,dataset,seed,total_steps,step,normalized_score\n"
+                      "moma_ppo,ant,fo,medium,0,3000,3000,1.0\nmoma_ppo,ant,fo,medium,1,3000,3000,1.2\n"
+                      "moma_ppo,ant,fo,medium,0,10000,10000,0.2\n")  # fmt: skip
+    lines = run.curves_table("4b", rows).splitlines()
+    assert "| MOMA-PPO | FO ant-medium | 3,000 | 2 | 3,000: 1.10 |" in lines
+    assert "| MOMA-PPO | FO ant-medium | 10,000 | 1 | 10,000: 0.20 |" in lines
 
 
 def test_grid_worker_reads_the_curve_of_the_run_it_made(tmp_path):
