@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, TypeVar
 
 import numpy as np
 import torch
@@ -33,21 +34,26 @@ import data  # noqa: E402
 import envs  # noqa: E402
 
 
+T = TypeVar("T")
+# A setting whose default depends on the task: its docstring says what it is (tyro would print "default: None").
+PerTask = Annotated[T | None, tyro.conf.arg(help_behavior_hint="")]
+
+
 @dataclass
 class Args:
     task: str = "coordination"
     """environment: coordination, reacher or ant"""
-    obs: str | None = None
+    obs: PerTask[str] = None
     """observation setting (default: the task's first; coordination: fo; reacher: all-observant, independent,
     leader-only; ant: fo, po)"""
-    dataset: str | None = None
+    dataset: PerTask[str] = None
     """dataset name (coordination: favorable, neutral, unfavorable; reacher: expert-mix; ant: random, medium,
     full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder (default: per task)"""
     seed: int = 0
     """seed of everything random in the run"""
-    total_steps: int | None = None
+    total_steps: PerTask[int] = None
     """gradient steps (default: per task, see TASK_DEFAULTS)"""
-    eval_every: int | None = None
+    eval_every: PerTask[int] = None
     """evaluate every this many steps, 0 for only at the end (default: per task)"""
     eval_episodes: int = 100
     """episodes per evaluation (greedy actions)"""
@@ -64,16 +70,16 @@ class Args:
     """transitions per gradient step"""
     learning_rate: float = 3e-4
     """Adam learning rate"""
-    hidden: int | None = None
+    hidden: PerTask[int] = None
     """units in each of the two hidden layers (default: per task; paper 256)"""
-    memory: int | None = None
+    memory: PerTask[int] = None
     """past (observation, action) pairs each agent remembers; default: 10 (the paper's) when the
     observation setting hides part of the state, 0 (no memory module) otherwise"""
     memory_dim: int = 128
     """width e_h of the memory module's embedding and of its summary"""
     memory_learning_rate: float = 1e-4
     """Adam learning rate of the memory module (the paper's, for every algorithm)"""
-    bf16: bool | None = None
+    bf16: PerTask[bool] = None
     """run the training steps' matmuls under bfloat16 autocast: about 2.7x faster on CPUs with AMX (and on
     recent GPUs); the layers return float32, so losses, targets and evaluation stay float32 (default: per
     task: on for MuJoCo, off for the coordination game)"""

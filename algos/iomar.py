@@ -47,6 +47,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, TypeVar
 
 import numpy as np
 import torch
@@ -60,21 +61,26 @@ import data  # noqa: E402
 import envs  # noqa: E402
 
 
+T = TypeVar("T")
+# A setting whose default depends on the task: its docstring says what it is (tyro would print "default: None").
+PerTask = Annotated[T | None, tyro.conf.arg(help_behavior_hint="")]
+
+
 @dataclass
 class Args:
     task: str = "reacher"
     """environment: reacher or ant (continuous actions)"""
-    obs: str | None = None
+    obs: PerTask[str] = None
     """observation setting (default: the task's first; reacher: all-observant, independent, leader-only;
     ant: fo, po)"""
-    dataset: str | None = None
+    dataset: PerTask[str] = None
     """dataset name (reacher: expert-mix; ant: random, medium, full-replay, expert) or a .npz/.hdf5 file or a
     Minari dataset folder (default: per task)"""
     seed: int = 0
     """seed of everything random in the run"""
-    total_steps: int | None = None
+    total_steps: PerTask[int] = None
     """gradient steps (default: per task, see TASK_DEFAULTS)"""
-    eval_every: int | None = None
+    eval_every: PerTask[int] = None
     """evaluate every this many steps, 0 for only at the end (default: per task)"""
     eval_episodes: int = 100
     """episodes per evaluation (greedy actions)"""
@@ -91,9 +97,9 @@ class Args:
     """transitions per gradient step"""
     learning_rate: float = 3e-4
     """Adam learning rate of the actors and of the critics (with the memory modules)"""
-    hidden: int | None = None
+    hidden: PerTask[int] = None
     """units in each of the two hidden layers of every network (default: per task; paper 256)"""
-    memory: int | None = None
+    memory: PerTask[int] = None
     """past (observation, action) pairs each agent remembers; default: 10 (the paper's) when the
     observation setting hides part of the state, 0 (no memory module) otherwise"""
     memory_dim: int = 128
@@ -112,7 +118,7 @@ class Args:
     """TD3: std of the Gaussian noise on the target action"""
     target_noise_clip: float = 0.5
     """TD3: the target action noise is clipped to +- this"""
-    cql_alpha: float | None = None
+    cql_alpha: PerTask[float] = None
     """weight of the CQL regulariser (default: 5 on ant expert, 1 otherwise, as in the paper)"""
     cql_samples: int = 10
     """actions drawn from each of the three CQL proposals (uniform, pi(o) + noise, pi(o') + noise)"""
@@ -134,7 +140,7 @@ class Args:
     """actions sampled per search iteration"""
     omar_elites: int = 5
     """best actions kept per iteration to refit the Gaussian"""
-    bf16: bool | None = None
+    bf16: PerTask[bool] = None
     """run the training steps' matmuls under bfloat16 autocast: about 2.7x faster on CPUs with AMX (and on
     recent GPUs); the layers return float32, so losses, targets and evaluation stay float32 (default: per
     task: on for MuJoCo, off for the coordination game)"""

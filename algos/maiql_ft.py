@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, TypeVar
 
 import numpy as np
 import torch
@@ -48,21 +49,26 @@ import data  # noqa: E402
 import envs  # noqa: E402
 
 
+T = TypeVar("T")
+# A setting whose default depends on the task: its docstring says what it is (tyro would print "default: None").
+PerTask = Annotated[T | None, tyro.conf.arg(help_behavior_hint="")]
+
+
 @dataclass
 class Args:
     task: str = "coordination"
     """environment: coordination, reacher or ant"""
-    obs: str | None = None
+    obs: PerTask[str] = None
     """observation setting (default: the task's first; coordination: fo; reacher: all-observant, independent,
     leader-only; ant: fo, po)"""
-    dataset: str | None = None
+    dataset: PerTask[str] = None
     """dataset name (coordination: favorable, neutral, unfavorable; reacher: expert-mix; ant: random, medium,
     full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder (default: per task)"""
     seed: int = 0
     """seed of everything random in the run"""
-    total_steps: int | None = None
+    total_steps: PerTask[int] = None
     """gradient steps (default: per task, see TASK_DEFAULTS)"""
-    eval_every: int | None = None
+    eval_every: PerTask[int] = None
     """evaluate every this many steps, 0 for only at the end (default: per task)"""
     eval_episodes: int = 100
     """episodes per evaluation (greedy actions: the most likely one, or the Gaussian's mean)"""
@@ -80,9 +86,9 @@ class Args:
     """transitions per gradient step"""
     learning_rate: float = 3e-4
     """Adam learning rate of every network (Q, V, their mixers, the policies with their log std, the memory)"""
-    hidden: int | None = None
+    hidden: PerTask[int] = None
     """units in each of the two hidden layers of every network (agents' networks and mixers) (default: per task; paper 256)"""
-    memory: int | None = None
+    memory: PerTask[int] = None
     """past (observation, action) pairs each agent remembers; default: 10 (the paper's) when the
     observation setting hides part of the state, 0 (no memory module) otherwise"""
     memory_dim: int = 128
@@ -105,14 +111,14 @@ class Args:
     # fine-tuning (appendix A: MAIQL-ft)
     finetune_fraction: float = 0.5
     """fraction of --total-steps spent fine-tuning with simulator rollouts (the paper: half)"""
-    online_transitions: int | None = None
+    online_transitions: PerTask[int] = None
     """transitions collected in the simulator over the fine-tuning (default: the dataset's size, so that the
     buffer ends half offline, half online as in IQL's fine-tuning)"""
     rollout_batch: int = 50
     """rollouts run in parallel, each in its own copy of the simulator"""
     rollout_length: int = 10
     """maximum rollout length k (as MOMA-PPO's); a rollout also ends when the simulator says terminal"""
-    bf16: bool | None = None
+    bf16: PerTask[bool] = None
     """run the training steps' matmuls under bfloat16 autocast: about 2.7x faster on CPUs with AMX (and on
     recent GPUs); the layers return float32, so losses, targets and evaluation stay float32 (default: per
     task: on for MuJoCo, off for the coordination game)"""

@@ -57,6 +57,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, TypeVar
 
 import numpy as np
 import torch
@@ -70,20 +71,25 @@ import data  # noqa: E402
 import envs  # noqa: E402
 
 
+T = TypeVar("T")
+# A setting whose default depends on the task: its docstring says what it is (tyro would print "default: None").
+PerTask = Annotated[T | None, tyro.conf.arg(help_behavior_hint="")]
+
+
 @dataclass
 class Args:
     task: str = "coordination"
     """environment: coordination, reacher or ant"""
-    obs: str | None = None
+    obs: PerTask[str] = None
     """observation setting (default: the task's first one; coordination has only `fo`)"""
-    dataset: str | None = None
+    dataset: PerTask[str] = None
     """dataset name (coordination: favorable, neutral, unfavorable; reacher: expert-mix; ant: random, medium,
     full-replay, expert) or a .npz/.hdf5 file or a Minari dataset folder (default: per task)"""
     seed: int = 0
     """seed of everything random in the run"""
-    total_steps: int | None = None
+    total_steps: PerTask[int] = None
     """PPO learning steps: one step = one batch of synthetic rollouts and its update (default: per task)"""
-    eval_every: int | None = None
+    eval_every: PerTask[int] = None
     """evaluate every this many learning steps, 0 for only at the end (default: per task)"""
     eval_episodes: int = 100
     """episodes per evaluation (greedy actions)"""
@@ -97,9 +103,9 @@ class Args:
     """ensemble members trained (N_m)"""
     wm_elites: int = 5
     """members kept, those with the lowest holdout error (N)"""
-    wm_hidden: int | None = None
+    wm_hidden: PerTask[int] = None
     """units per hidden layer of each member (default: per task)"""
-    wm_layers: int | None = None
+    wm_layers: PerTask[int] = None
     """hidden layers of each member (default: per task)"""
     wm_learning_rate: float = 1e-3
     """Adam learning rate of the world model"""
@@ -107,7 +113,7 @@ class Args:
     """beta of the beta-NLL loss (Seitzer et al. 2022); 0 is the plain Gaussian NLL of the paper"""
     wm_batch_size: int = 256
     """transitions per member per gradient step"""
-    wm_max_steps: int | None = None
+    wm_max_steps: PerTask[int] = None
     """gradient steps at most (default: per task)"""
     wm_holdout: float = 0.1
     """fraction of the dataset held out for early stopping and elite selection"""
@@ -117,10 +123,10 @@ class Args:
     """stop after this many holdout evaluations without a 1% improvement of any member"""
     wm_seed: int = 0
     """seed of the world model's training, apart from --seed so that all seeds share one cached model"""
-    wm_bf16: bool | None = None
+    wm_bf16: PerTask[bool] = None
     """train the world model under bfloat16 autocast (2.6-3.7x faster on CPUs with AMX; holdout errors are
     measured in float32) (default: per task)"""
-    world_model: str | None = None
+    world_model: PerTask[str] = None
     """a saved world model to use instead of training one (default: the cached one for this dataset and these
     wm_* settings, in {runs_dir}/world_models/ or runs/world_models/, trained and saved in the former on first use)"""
     ground_truth_model: bool = False
@@ -139,7 +145,7 @@ class Args:
     """maximum rollout length k"""
     lambda_r: float = 1.0
     """penalty on the reward uncertainty eps_r"""
-    lambda_g: float | None = None
+    lambda_g: PerTask[float] = None
     """penalty on the general uncertainty eps_g (default: per task; the paper gives no value)"""
     l_eps: float = 1.0
     """uncertainty threshold l_eps: time-out when eps_g >= l_eps; also caps the penalties (inf disables)"""
@@ -147,11 +153,11 @@ class Args:
     """reward penalty: epistemic (the paper's eps_r, eps_g) or aleatoric (MOPO's, weighted by lambda_g; section 6.3)"""
 
     # MAPPO (appendix A)
-    learning_rate: float | None = None
+    learning_rate: PerTask[float] = None
     """Adam learning rate of the policies and the value function (default: per task; paper 5e-5)"""
     anneal_lr: bool = False
     """decay every learning rate linearly to 0 at --total-steps (CleanRL's PPO; the paper keeps them constant)"""
-    hidden: int | None = None
+    hidden: PerTask[int] = None
     """units in each of the two hidden layers of the policy and value networks (default: per task; paper 256)"""
     epochs: int = 5
     """passes over each rollout batch"""
@@ -167,7 +173,7 @@ class Args:
     """weight of the value loss"""
     entropy_lr: float = 1e-3
     """step size of the entropy temperature's dual update (the paper's entropy bonus coefficient)"""
-    entropy_target: float | None = None
+    entropy_target: PerTask[float] = None
     """target entropy per agent and action dimension, in nats (default: per task; paper -4 reacher, -6 ant)"""
     action_penalty: float = 1.0
     """weight of the penalty on actions beyond [-1, 1] (continuous actions)"""
@@ -175,17 +181,17 @@ class Args:
     """log standard deviation the Gaussian policies start from, in (-5, 1) (continuous actions; the paper gives none)"""
 
     # memory (appendix A)
-    memory: int | None = None
+    memory: PerTask[int] = None
     """past (observation, action) pairs each agent remembers; default: 10 (the paper's) when the
     observation setting hides part of the state, 0 (no memory module) otherwise"""
     memory_dim: int = 128
     """width e_h of the memory module's embedding and of its summary"""
     memory_learning_rate: float = 1e-4
     """Adam learning rate of the memory module (the paper's)"""
-    bf16: bool | None = None
+    bf16: PerTask[bool] = None
     """run the agents' networks (memory, policies, value) under bfloat16 autocast: 2.5x faster on CPUs with AMX;
     distributions, values and losses stay float32 (default: per task)"""
-    compile: bool | None = None
+    compile: PerTask[bool] = None
     """compile the memory module with torch.compile, fusing its attention's elementwise work (about a minute
     of compilation, needs a C++ compiler on CPU; default: on for MuJoCo tasks when one is found)"""
 
