@@ -278,7 +278,6 @@ def stop_requests():
             signal.signal(signum, handler)
 
 
-
 class Progress:
     """Between evaluations (which can be an hour apart on ant), one line at most every `seconds` saying
     where a run stands: the step, the speed, the time left, and the numbers it is given (tensors are
@@ -297,8 +296,10 @@ class Progress:
         rate = (step - self.start_step) / max(now - self.start, 1e-9)
         left = (self.total - step) / rate
         left = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
-        numbers = "".join(f", {name} {float(value):.4g}" for name, value in values.items())
+        # .item(): a loss that still requires grad reads without a warning
+        numbers = "".join(f", {name} {value.item() if hasattr(value, 'item') else value:.4g}" for name, value in values.items())
         print(f"step {step:,}/{self.total:,}: {rate:.3g} steps/s, {left} left{numbers}", flush=True)
+
 
 def resume(args):
     """For `--resume RUN`: the settings RUN was started with (keeping a newly given --total-steps),

@@ -191,6 +191,7 @@ def test_resume_reads_the_saved_settings_keeps_a_new_budget_and_drops_unknown_on
     assert torch.equal(torch.rand(3), first)
 
 
+@pytest.mark.filterwarnings("error")  # a loss that requires grad is read without torch's warning
 def test_progress_prints_a_line_at_most_every_interval_with_speed_time_left_and_values(monkeypatch, capsys):
     import torch
 
@@ -199,7 +200,7 @@ def test_progress_prints_a_line_at_most_every_interval_with_speed_time_left_and_
     progress = data.Progress(total_steps=10_000, start_step=4_000, seconds=60)
     for now, step in ((1030.0, 4_100), (1100.0, 4_200), (1150.0, 4_300), (1200.0, 4_400)):
         clock[0] = now
-        progress(step, loss=torch.tensor(0.123456), rate=2)
+        progress(step, loss=torch.tensor(0.123456, requires_grad=True) * 1, rate=2)
     lines = capsys.readouterr().out.splitlines()
     # 30 s: too early; 100 s: 200 steps since the start (resumed at 4,000) -> 2 steps/s, 5,800 steps left = 48 min;
     # 150 s: 50 s after the last line; 200 s: 400 steps in 200 s, 5,600 steps left = 47 min
