@@ -44,11 +44,15 @@ class Args:
     """torch CPU threads (default: torch's choice)"""
     cuda: bool = False
     """use the GPU when one is available"""
+    compile: bool | None = None
+    """compile the memory module (scripts that have --compile; default: each script's own)"""
 
 
 def timed_run(module, args: Args, steps: int, runs_dir: str) -> float:
     run_args = module.Args(task=args.task, obs=args.obs, seed=0, total_steps=steps, eval_every=0, eval_episodes=1,
                            cuda=args.cuda, runs_dir=runs_dir, **({"dataset": args.dataset} if args.dataset else {}))  # fmt: skip
+    if args.compile is not None and hasattr(run_args, "compile"):
+        run_args.compile = args.compile
     if hasattr(run_args, "finetune_fraction"):  # MAIQL-ft: time its fine-tuning phase, the slower one, at the
         run_args.finetune_fraction = 1.0  # paper's rate (1M simulator transitions over 1M fine-tuning steps)
         run_args.online_transitions = steps

@@ -1,7 +1,11 @@
 """The memory used under partial observability: dataset histories, evaluation histories, and
 every script's Memory module (masking at episode starts)."""
 
+import copy
 import importlib
+import inspect
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +16,8 @@ import envs
 
 SCRIPTS_WITH_MEMORY = [s for s in ("ibc", "maiql", "maiql_ft", "itd3bc", "matd3bc", "icql", "iomar", "moma_ppo")
                        if importlib.util.find_spec(f"algos.{s}") and hasattr(importlib.import_module(f"algos.{s}"), "Memory")]
+# Each script has its own copy of the module; compiling the same source twice would test nothing new.
+DISTINCT_MEMORIES = list({inspect.getsource(importlib.import_module(f"algos.{s}").Memory): s for s in SCRIPTS_WITH_MEMORY}.values())
 
 
 def test_history_index_stays_inside_the_episode():
@@ -86,3 +92,22 @@ def test_memory_defaults_follow_the_observation_setting():
     assert envs.partially_observed(envs.make("reacher", "leader-only"))
     assert not envs.partially_observed(envs.make("ant", "fo"))
     assert envs.partially_observed(envs.make("ant", "po"))
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX") or "g++"), reason="torch.compile needs a C++ compiler")
+@pytest.mark.parametrize("script", DISTINCT_MEMORIES)
+def test_compiled_memory_matches_the_uncompiled_one(script):
+    """--compile (on by default for MuJoCo tasks) changes the speed only: outputs, gradients and checkpoint keys."""
+    torch.manual_seed(0)
+    eager = importlib.import_module(f"algos.{script}").Memory(2, 5, 4, 8)
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    tokens = torch.randn(2, 6, 4, 5)
+    mask = torch.tensor([[True] * 4, [False] * 4, [False, True, True, True]] * 2)  # incl. an empty history
+    outputs = [memory(tokens, mask) for memory in (eager, compiled)]
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for out in outputs:
+        out.square().sum().backward()
+    for (name, p), (_, p_compiled) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(p_compiled.grad, p.grad, msg=name)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()

@@ -103,7 +103,8 @@ def test_malformed_dataset_file_is_one_clear_line(tmp_path):
 def test_ibc_smoke_run_on_reacher(obs, small_reacher_dataset, tmp_path):
     from algos import ibc
 
-    args = ibc.Args(task="reacher", obs=obs, dataset=small_reacher_dataset, total_steps=20, eval_episodes=2, runs_dir=str(tmp_path))
+    args = ibc.Args(task="reacher", obs=obs, dataset=small_reacher_dataset, total_steps=20, eval_episodes=2, runs_dir=str(tmp_path),
+                    compile=False)  # fmt: skip
     result = ibc.main(args)
     assert result["obs"] == obs and np.isfinite(result["normalized_score"])
 
@@ -207,7 +208,7 @@ def test_checkpoint_then_resume_continues_where_it_stopped(script, small_reacher
     obs = "all-observant" if script == "iql_central" else "independent"  # iql_central: centralized, FO only
     common = dict(task="reacher", obs=obs, dataset=small_reacher_dataset, eval_episodes=1, hidden=16)
     if script != "iql_central":
-        common["memory_dim"] = 8
+        common |= {"memory_dim": 8, "compile": False}
     whole = module.main(module.Args(total_steps=12, runs_dir=str(tmp_path / "whole"), **common))
     first = module.main(module.Args(total_steps=6, runs_dir=str(tmp_path / "split"), **common))
     resumed = module.main(module.Args(resume=first["run_dir"], total_steps=12))

@@ -20,6 +20,7 @@ def run(script, dataset, runs_dir, obs="all-observant", **overrides) -> dict:
     module = importlib.import_module(f"algos.{script}")
     args = module.Args(
         task="reacher", obs=obs, dataset=dataset, total_steps=20, eval_episodes=2, runs_dir=str(runs_dir), hidden=32,
+        compile=False,  # compiled: the ant PO smoke runs (tests/test_scripts.py)
         **overrides,
     )  # fmt: skip
     return module.main(args)
