@@ -43,9 +43,7 @@
 import copy
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -367,12 +365,8 @@ def main(args: Args) -> dict:
     critics = TwinCritics(env.n_agents, policy.feature_dim, env.act_dim, args.hidden).to(device)
     policy_target = copy.deepcopy(policy).requires_grad_(False)  # the target memory comes with it
     critics_target = copy.deepcopy(critics).requires_grad_(False)
-    if args.memory and args.compile:
-        if device.type == "cpu" and not shutil.which(os.environ.get("CXX") or "g++"):
-            print("no C++ compiler (g++ or $CXX): the memory module runs uncompiled, about 1.5x slower", flush=True)
-        else:
-            policy.memory.compile()  # in place: the state dict keeps its keys
-            policy_target.memory.compile()
+    if args.memory and args.compile:  # fuses the attention's elementwise work
+        data.compile_in_place(policy.memory, policy_target.memory, device=device)
     # the critic loss trains the memory; the actor loss trains the actors' MLPs only
     critic_groups = [{"params": critics.parameters()}]
     if args.memory:  # trained by the critic loss, at the paper's memory learning rate

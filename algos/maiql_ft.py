@@ -31,9 +31,7 @@
 import copy
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -507,12 +505,8 @@ def main(args: Args) -> dict:
         memory_target = copy.deepcopy(memory).requires_grad_(False)
         optimizers["memory"] = (torch.optim.Adam(memory.parameters(), lr=args.memory_learning_rate, fused=True), memory)
         targets.append((memory, memory_target))
-    if args.memory and args.compile:
-        if device.type == "cpu" and not shutil.which(os.environ.get("CXX") or "g++"):
-            print("no C++ compiler (g++ or $CXX): the memory module runs uncompiled, about 1.5x slower", flush=True)
-        else:
-            memory.compile()  # in place: the state dict keeps its keys
-            memory_target.compile()
+    if args.memory and args.compile:  # fuses the attention's elementwise work
+        data.compile_in_place(memory, memory_target, device=device)
 
     def agent_inputs(reader: Memory | None, obs: torch.Tensor, past: tuple | None) -> torch.Tensor:
         """h_i for every agent [N, B, in]: the normalised observations [N, B, O], with memory followed by

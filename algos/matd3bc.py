@@ -39,9 +39,7 @@
 import copy
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -326,12 +324,8 @@ def main(args: Args) -> dict:
         env.n_agents, policy.feature_dim, env.act_dim, env.state_dim, args.hidden
     ).to(device)
     policy_target, critics_target = copy.deepcopy(policy).requires_grad_(False), copy.deepcopy(critics).requires_grad_(False)
-    if args.memory and args.compile:
-        if device.type == "cpu" and not shutil.which(os.environ.get("CXX") or "g++"):
-            print("no C++ compiler (g++ or $CXX): the memory module runs uncompiled, about 1.5x slower", flush=True)
-        else:
-            policy.memory.compile()  # in place: the state dict keeps its keys
-            policy_target.memory.compile()
+    if args.memory and args.compile:  # fuses the attention's elementwise work
+        data.compile_in_place(policy.memory, policy_target.memory, device=device)
     # The memory belongs to whichever loss reads it: the QMIX utilities' (Appendix A: policy and
     # value networks share it; the actors read its summary detached), else the actors'.
     critic_groups, actor_groups = [{"params": critics.parameters()}], [{"params": policy.net.parameters()}]

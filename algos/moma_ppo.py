@@ -49,9 +49,7 @@
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -774,11 +772,8 @@ def main(args: Args) -> dict:
         policies = CategoricalPolicies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim).to(device)
     else:
         policies = GaussianPolicies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim, args.log_std_init).to(device)
-    if args.memory and args.compile:
-        if device.type == "cpu" and not shutil.which(os.environ.get("CXX") or "g++"):
-            print("no C++ compiler (g++ or $CXX): the memory module runs uncompiled, about 1.5x slower", flush=True)
-        else:
-            policies.memory.compile()  # in place: the state dict keeps its keys
+    if args.memory and args.compile:  # fuses the attention's elementwise work
+        data.compile_in_place(policies.memory, device=device)
     action_dims = 1 if env.n_actions is not None else env.act_dim
     value = MixedValue(env.n_agents, policies.feature_dim, env.state_dim, args.hidden, state_mean, state_std).to(device)
     if args.ground_truth_model:

@@ -208,3 +208,15 @@ def test_progress_prints_a_line_at_most_every_interval_with_speed_time_left_and_
         "step 4,200/10,000: 2 steps/s, 48 min left, loss 0.1235, rate 2",
         "step 4,400/10,000: 2 steps/s, 47 min left, loss 0.1235, rate 2",
     ]
+
+
+def test_compile_in_place_says_why_not_without_a_cpp_compiler(monkeypatch, capsys):
+    import torch
+
+    module = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    data.compile_in_place(module, device=torch.device("cpu"))
+    assert "no C++ compiler" in capsys.readouterr().out
+    assert module._compiled_call_impl is None  # left as it was
+    data.compile_in_place(module, device=torch.device("cuda"))  # the GPU compiles without one
+    assert module._compiled_call_impl is not None
