@@ -27,6 +27,7 @@ import json
 import multiprocessing as mp
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,14 +151,18 @@ def script_module(script: str):
 
 
 def run_one(job: tuple[str, list[str]]) -> dict:
-    """Worker: run one script's main() with command-line arguments, quietly."""
+    """Worker: run one script's main() with command-line arguments, quietly. A failure is returned, not
+    raised, so that one broken job does not stop a grid of many hours."""
     import torch
 
     torch.set_num_threads(1)
     script, argv = job
-    module = script_module(script)
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = module.main(tyro.cli(module.Args, args=argv))
+    try:
+        module = script_module(script)
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = module.main(tyro.cli(module.Args, args=argv))
+    except (Exception, SystemExit):  # SystemExit: tyro rejecting the arguments
+        return {"error": traceback.format_exc(), "algo": script, "argv": argv}
     result["curve"] = learning_curve(Path(result["run_dir"]))
     return result
 
@@ -462,14 +467,24 @@ def main(args: Args) -> None:
                 jobs[i] = (algo, ["--resume", str(folder)])
                 print(f"{folder}: interrupted, goes on from its checkpoint")
         start = time.time()
-        with results_writer(csv_path, rows) as record, mp.get_context("spawn").Pool(args.workers) as pool:
+        failed = 0
+        # a fresh process per job: a grid spans hours, and a worker that kept the modules of its first job
+        # would run the next jobs with that version of data/ and envs/ even after they were edited
+        pool = mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1)
+        with results_writer(csv_path, rows) as record, pool:
             for i, result in enumerate(pool.imap_unordered(run_one, jobs), 1):
+                if "error" in result:
+                    failed += 1
+                    print(f"[{i}/{len(jobs)}] {result['algo']} {' '.join(result['argv'])}: failed\n{result['error']}", flush=True)
+                    continue
                 record(result)
                 print(
                     f"[{i}/{len(jobs)}] {result['algo']:<12} {result['obs']:<14} {result['dataset']:<12} seed {result['seed']}: "
                     f"{result['normalized_score']:.3f} ({result['wall_seconds']:.1f}s, {time.time() - start:.0f}s elapsed)",
                     flush=True,
                 )
+        if failed:
+            print(f"{failed} of {len(jobs)} runs failed (above); the others are recorded", flush=True)
     # read the CSV again: a grid running beside this one may have added rows since this one started
     rows = [r for r in read_rows(csv_path) if r["task"] == spec["task"]]
     print(write_tables(args.table, rows))

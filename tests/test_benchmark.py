@@ -96,6 +96,17 @@ def test_grid_worker_reads_the_curve_of_the_run_it_made(tmp_path):
     assert result["curve"][-1][1] == pytest.approx(result["normalized_score"])
 
 
+def test_a_failing_grid_job_is_reported_not_raised(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        result = run.run_one(("ibc", ["--task", "nosuchtask", "--runs-dir", str(tmp_path)]))
+    finally:
+        torch.set_num_threads(threads)
+    assert result["algo"] == "ibc" and "nosuchtask" in result["error"]
+
+
 def test_add_refuses_unfinished_runs_and_other_tasks(tmp_path):
     (tmp_path / "running").mkdir()
     with pytest.raises(SystemExit, match="has not finished"):
