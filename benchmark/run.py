@@ -161,8 +161,11 @@ def run_one(job: tuple[str, list[str]]) -> dict:
         module = script_module(script)
         with contextlib.redirect_stdout(io.StringIO()):
             result = module.main(tyro.cli(module.Args, args=argv))
-    except (Exception, SystemExit):  # SystemExit: tyro rejecting the arguments
-        return {"error": traceback.format_exc(), "algo": script, "argv": argv}
+    except SystemExit as stop:  # Ctrl-C or SIGTERM (the script saved a checkpoint), or tyro rejecting the arguments
+        stopped = str(stop.code).startswith("stopped at")
+        return {"error": str(stop.code) if stopped else traceback.format_exc(), "stopped": stopped, "algo": script, "argv": argv}
+    except Exception:
+        return {"error": traceback.format_exc(), "stopped": False, "algo": script, "argv": argv}
     result["curve"] = learning_curve(Path(result["run_dir"]))
     return result
 
@@ -467,15 +470,16 @@ def main(args: Args) -> None:
                 jobs[i] = (algo, ["--resume", str(folder)])
                 print(f"{folder}: interrupted, goes on from its checkpoint")
         start = time.time()
-        failed = 0
+        failed = stopped = 0
         # a fresh process per job: a grid spans hours, and a worker that kept the modules of its first job
         # would run the next jobs with that version of data/ and envs/ even after they were edited
         pool = mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1)
         with results_writer(csv_path, rows) as record, pool:
             for i, result in enumerate(pool.imap_unordered(run_one, jobs), 1):
                 if "error" in result:
-                    failed += 1
-                    print(f"[{i}/{len(jobs)}] {result['algo']} {' '.join(result['argv'])}: failed\n{result['error']}", flush=True)
+                    stopped, failed = stopped + result["stopped"], failed + (not result["stopped"])
+                    outcome = "stopped, its checkpoint kept" if result["stopped"] else "failed"
+                    print(f"[{i}/{len(jobs)}] {result['algo']} {' '.join(result['argv'])}: {outcome}\n{result['error']}", flush=True)
                     continue
                 record(result)
                 print(
@@ -483,6 +487,8 @@ def main(args: Args) -> None:
                     f"{result['normalized_score']:.3f} ({result['wall_seconds']:.1f}s, {time.time() - start:.0f}s elapsed)",
                     flush=True,
                 )
+        if stopped:
+            print(f"{stopped} of {len(jobs)} runs were stopped (above); the same command goes on from their checkpoints", flush=True)
         if failed:
             print(f"{failed} of {len(jobs)} runs failed (above); the others are recorded", flush=True)
     # read the CSV again: a grid running beside this one may have added rows since this one started

@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import sys
+from dataclasses import dataclass
 
 import pytest
 from conftest import ROOT
@@ -104,7 +105,25 @@ def test_a_failing_grid_job_is_reported_not_raised(tmp_path):
         result = run.run_one(("ibc", ["--task", "nosuchtask", "--runs-dir", str(tmp_path)]))
     finally:
         torch.set_num_threads(threads)
-    assert result["algo"] == "ibc" and "nosuchtask" in result["error"]
+    assert result["algo"] == "ibc" and "nosuchtask" in result["error"] and not result["stopped"]
+
+
+def test_a_grid_job_stopped_by_a_signal_is_told_apart_from_a_failure(monkeypatch):
+    import torch
+
+    class Script:  # what every script does on Ctrl-C or SIGTERM: save a checkpoint, then exit with this message
+        @dataclass
+        class Args:
+            seed: int = 0
+
+        @staticmethod
+        def main(args):
+            sys.exit(f"stopped at step 3; go on with: python algos/x.py --resume runs/x__{args.seed}")
+
+    monkeypatch.setattr(run, "script_module", lambda name: Script)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # run_one sets one thread for its worker process
+    result = run.run_one(("x", ["--seed", "1"]))
+    assert result["stopped"] and result["error"] == "stopped at step 3; go on with: python algos/x.py --resume runs/x__1"
 
 
 def test_add_refuses_unfinished_runs_and_other_tasks(tmp_path):
