@@ -161,11 +161,10 @@ def run_one(job: tuple[str, list[str]]) -> dict:
         module = script_module(script)
         with contextlib.redirect_stdout(io.StringIO()):
             result = module.main(tyro.cli(module.Args, args=argv))
-    except SystemExit as stop:  # Ctrl-C or SIGTERM (the script saved a checkpoint), or tyro rejecting the arguments
-        stopped = str(stop.code).startswith("stopped at")
-        return {"error": str(stop.code) if stopped else traceback.format_exc(), "stopped": stopped, "algo": script, "argv": argv}
-    except Exception:
-        return {"error": traceback.format_exc(), "stopped": False, "algo": script, "argv": argv}
+    except (Exception, SystemExit) as error:  # SystemExit: tyro rejecting the arguments, or a stop request
+        # every script answers Ctrl-C / SIGTERM by saving a checkpoint and exiting with "stopped at ..."
+        stopped = isinstance(error, SystemExit) and str(error.code).startswith("stopped at")
+        return {"error": str(error.code) if stopped else traceback.format_exc(), "stopped": stopped, "algo": script, "argv": argv}
     result["curve"] = learning_curve(Path(result["run_dir"]))
     return result
 
