@@ -126,7 +126,8 @@ class Args:
     bf16: PerTask[bool] = None
     """run the training steps' matmuls under bfloat16 autocast: about 2.7x faster on CPUs with AMX (and on
     recent GPUs); the layers return float32, so losses, targets and evaluation stay float32 (default: per
-    task: on for MuJoCo, off for the coordination game)"""
+    task: on for MuJoCo, off for the coordination game; off, with a note, where the hardware has no native
+    bfloat16 matmuls, as there it is slower than float32)"""
     compile: PerTask[bool] = None
     """compile the memory module with torch.compile, fusing its attention's elementwise work (about a minute
     of compilation, needs a C++ compiler on CPU; default: on for MuJoCo tasks when one is found)"""
@@ -283,6 +284,7 @@ def main(args: Args) -> dict:
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.bf16 = data.bf16_if_native(args.bf16, args.cuda)  # emulated bfloat16 is slower than float32
     start_time = time.time()
     env = envs.make(args.task, args.obs)
     if env.n_actions is not None:

@@ -123,7 +123,7 @@ class Args:
     """seed of the world model's training, apart from --seed so that all seeds share one cached model"""
     wm_bf16: PerTask[bool] = None
     """train the world model under bfloat16 autocast (2.6-3.7x faster on CPUs with AMX; holdout errors are
-    measured in float32) (default: per task)"""
+    measured in float32; off, with a note, where the hardware has no native bfloat16 matmuls) (default: per task)"""
     world_model: PerTask[str] = None
     """a saved world model to use instead of training one (default: the cached one for this dataset and these
     wm_* settings, in {runs_dir}/world_models/ or runs/world_models/, trained and saved in the former on first use)"""
@@ -188,7 +188,8 @@ class Args:
     """Adam learning rate of the memory module (the paper's)"""
     bf16: PerTask[bool] = None
     """run the agents' networks (memory, policies, value) under bfloat16 autocast: 2.5x faster on CPUs with AMX;
-    distributions, values and losses stay float32 (default: per task)"""
+    distributions, values and losses stay float32; off, with a note, where the hardware has no native bfloat16
+    matmuls, as there it is slower than float32 (default: per task)"""
     compile: PerTask[bool] = None
     """compile the memory module with torch.compile, fusing its attention's elementwise work (about a minute
     of compilation, needs a C++ compiler on CPU; default: on for MuJoCo tasks when one is found)"""
@@ -746,6 +747,8 @@ def main(args: Args) -> dict:
     for key, value in TASK_DEFAULTS.get(args.task, {}).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.bf16 = data.bf16_if_native(args.bf16, args.cuda)  # emulated bfloat16 is slower than float32
+    args.wm_bf16 = data.bf16_if_native(args.wm_bf16, args.cuda, "--wm-bf16")
     start_time = time.time()
     env = envs.make(args.task, args.obs)
     dataset = data.load(env, args.dataset)

@@ -179,6 +179,9 @@ def unfinished_run(script: str, argv: list[str]) -> Path | None:
     wanted = asdict(tyro.cli(module.Args, args=argv))
     defaults = getattr(module, "TASK_DEFAULTS", {}).get(wanted["task"], {})
     wanted = {key: defaults.get(key) if value is None else value for key, value in wanted.items()}
+    for flag in ("bf16", "wm_bf16"):  # as the scripts settle them: off where bfloat16 is only emulated
+        if wanted.get(flag):
+            wanted[flag] = module.data.native_bf16(wanted["cuda"])
     prefix = f"{wanted['task']}-{wanted['obs']}-{Path(wanted['dataset']).stem}__{script}__{wanted['seed']}__"
     for folder in sorted(Path(wanted["runs_dir"]).glob(f"{prefix}*"), reverse=True):
         if (folder / "result.json").exists() or not (folder / "model.pt").exists():

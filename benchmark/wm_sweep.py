@@ -104,6 +104,7 @@ def main(args: Args) -> None:
         for key, value in moma_ppo.TASK_DEFAULTS[args.task].items():  # as algos/moma_ppo.py fills its defaults
             if getattr(wm_args, key) is None:
                 setattr(wm_args, key, value)
+        wm_args.wm_bf16 = data.bf16_if_native(wm_args.wm_bf16, args.cuda, "--wm-bf16")
         print(f"{config}: training {wm_args.wm_members} members on {len(dataset)} transitions ({device_name})", flush=True)
         torch.manual_seed(wm_args.wm_seed)
         curve = HoldoutCurve()

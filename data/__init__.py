@@ -302,6 +302,28 @@ class Progress:
         print(f"step {step:,}/{self.total:,}: {rate:.3g} steps/s, {left} left{numbers}", flush=True)
 
 
+def native_bf16(cuda: bool) -> bool:
+    """Whether this machine multiplies bfloat16 matrices natively: the GPU (with --cuda, when there is one)
+    if it supports bfloat16, otherwise the CPU if it has AMX or AVX512-BF16."""
+    import torch
+
+    if cuda and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+
+
+def bf16_if_native(requested: bool, cuda: bool, flag: str = "--bf16") -> bool:
+    """`requested`, unless this machine lacks native bfloat16 matmuls: then torch emulates them and
+    bfloat16 autocast is slower than float32 (5x for a batched matmul on a 2-core AVX-512 Xeon without
+    AMX), so say so and run in float32."""
+    if requested and not native_bf16(cuda):
+        print(f"{flag}: this {'GPU' if cuda else 'CPU'} has no native bfloat16 matmuls (AMX or AVX512-BF16), "
+              "where bfloat16 autocast is slower than float32; running in float32", flush=True)  # fmt: skip
+        return False
+    return requested
+
+
 def compile_in_place(*modules, device) -> None:
     """torch.compile the modules in place (their state dicts keep their keys), or say why not: on CPU,
     torch's compiler needs a C++ compiler (g++ or $CXX)."""

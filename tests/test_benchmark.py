@@ -4,7 +4,8 @@ import csv
 import importlib.util
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -183,3 +184,25 @@ def test_an_interrupted_grid_run_goes_on_from_its_checkpoint(tmp_path, monkeypat
     assert run.unfinished_run("ibc", [*argv, "--learning-rate", "1e-3"]) is None  # another setting
     assert run.unfinished_run("ibc", [*argv[:7], "0", *argv[8:]]) is None  # another seed
     assert run.unfinished_run("maiql", argv) is None  # another script
+
+
+def test_an_interrupted_run_is_found_where_bfloat16_was_switched_off(tmp_path, monkeypatch):
+    """Where the CPU lacks native bfloat16 the scripts run and save --bf16 False although the MuJoCo default
+    is on; the grid settles that default the same way, so it still finds the run to go on from."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    module = run.script_module("ibc")
+    argv = ["--task", "reacher", "--obs", "independent", "--seed", "0", "--total-steps", "20"]
+    args = module.Args(task="reacher", obs="independent", seed=0, total_steps=20)
+    for key, value in module.TASK_DEFAULTS["reacher"].items():  # as main() fills them
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.bf16 = False  # what main() saves on such a CPU
+    folder = Path("runs/reacher-independent-expert-mix__ibc__0__1")
+    folder.mkdir(parents=True)
+    torch.save({"args": asdict(args)}, folder / "model.pt")
+    monkeypatch.setattr(module.data, "native_bf16", lambda cuda: False)
+    assert run.unfinished_run("ibc", argv) == folder
+    monkeypatch.setattr(module.data, "native_bf16", lambda cuda: True)  # there the run would have used bfloat16
+    assert run.unfinished_run("ibc", argv) is None

@@ -220,3 +220,17 @@ def test_compile_in_place_says_why_not_without_a_cpp_compiler(monkeypatch, capsy
     assert module._compiled_call_impl is None  # left as it was
     data.compile_in_place(module, device=torch.device("cuda"))  # the GPU compiles without one
     assert module._compiled_call_impl is not None
+
+
+@pytest.mark.parametrize("capabilities, native", [({"amx_bf16": True}, True), ({"avx512_bf16": True}, True),
+                                                   ({"amx_bf16": False, "avx512_bf16": False, "avx512_f": True}, False)])  # fmt: skip
+def test_bfloat16_autocast_only_where_the_cpu_has_native_bfloat16_matmuls(monkeypatch, capsys, capabilities, native):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert data.native_bf16(cuda=False) is native
+    assert data.bf16_if_native(True, cuda=False) is native
+    note = capsys.readouterr().out
+    assert ("no native bfloat16" in note) is (not native) and ("--bf16" in note) is (not native)
+    assert data.bf16_if_native(False, cuda=False) is False  # never switched on
+    assert capsys.readouterr().out == ""
