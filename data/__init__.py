@@ -317,9 +317,12 @@ def bf16_if_native(requested: bool, cuda: bool, flag: str = "--bf16") -> bool:
     """`requested`, unless this machine lacks native bfloat16 matmuls: then torch emulates them and
     bfloat16 autocast is slower than float32 (5x for a batched matmul on a 2-core AVX-512 Xeon without
     AMX), so say so and run in float32."""
+    import torch
+
     if requested and not native_bf16(cuda):
-        print(f"{flag}: this {'GPU' if cuda else 'CPU'} has no native bfloat16 matmuls (AMX or AVX512-BF16), "
-              "where bfloat16 autocast is slower than float32; running in float32", flush=True)  # fmt: skip
+        where = "this GPU" if cuda and torch.cuda.is_available() else "this CPU (neither AMX nor AVX512-BF16)"
+        print(f"{flag}: {where} has no native bfloat16 matmuls, where bfloat16 autocast is slower than float32; "
+              "running in float32", flush=True)  # fmt: skip
         return False
     return requested
 
