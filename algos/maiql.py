@@ -492,7 +492,7 @@ def main(args: Args) -> dict:
                 save_checkpoint(step)
             if stop:
                 writer.close()
-                sys.exit(f"stopped at step {step}; go on with: python algos/maiql.py --resume {run_dir}")
+                raise data.Stopped(f"stopped at step {step}; go on with: python algos/maiql.py --resume {run_dir}")
 
     ret, score = evaluate()
     writer.add_scalar("eval/return", ret, args.total_steps)

@@ -650,7 +650,7 @@ def main(args: Args) -> dict:
                 save_checkpoint(step)
             if stop:
                 writer.close()
-                sys.exit(f"stopped at step {step}; go on with: python algos/maiql_ft.py --resume {run_dir}")
+                raise data.Stopped(f"stopped at step {step}; go on with: python algos/maiql_ft.py --resume {run_dir}")
 
     ret, score = evaluate(args.total_steps)
     writer.close()

@@ -931,7 +931,7 @@ def main(args: Args) -> dict:
                 save_checkpoint(step)
             if stop:
                 writer.close()
-                sys.exit(f"stopped at learning step {step}; go on with: python algos/moma_ppo.py --resume {run_dir}")
+                raise data.Stopped(f"stopped at learning step {step}; go on with: python algos/moma_ppo.py --resume {run_dir}")
 
     ppo_end = time.time()
     ret, score = evaluate()

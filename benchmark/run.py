@@ -35,6 +35,10 @@ import numpy as np
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # envs/ and data/, without installing
+import data  # noqa: E402
+import envs  # noqa: E402
+
 RESULTS = ROOT / "benchmark" / "results"
 COLUMNS = ["algo", "task", "obs", "dataset", "seed", "normalized_score", "return", "wall_seconds", "device", "total_steps"]
 CURVE_COLUMNS = ["algo", "task", "obs", "dataset", "seed", "total_steps", "step", "normalized_score"]
@@ -162,8 +166,7 @@ def run_one(job: tuple[str, list[str]]) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             result = module.main(tyro.cli(module.Args, args=argv))
     except (Exception, SystemExit) as error:  # SystemExit: tyro rejecting the arguments, or a stop request
-        # every script answers Ctrl-C / SIGTERM by saving a checkpoint and exiting with "stopped at ..."
-        stopped = isinstance(error, SystemExit) and str(error.code).startswith("stopped at")
+        stopped = isinstance(error, data.Stopped)  # Ctrl-C / SIGTERM: the script saved a checkpoint first
         return {"error": str(error.code) if stopped else traceback.format_exc(), "stopped": stopped, "algo": script, "argv": argv}
     result["curve"] = learning_curve(Path(result["run_dir"]))
     return result
@@ -181,7 +184,7 @@ def unfinished_run(script: str, argv: list[str]) -> Path | None:
     wanted = {key: defaults.get(key) if value is None else value for key, value in wanted.items()}
     for flag in ("bf16", "wm_bf16"):  # as the scripts settle them: off where bfloat16 is only emulated
         if wanted.get(flag):
-            wanted[flag] = module.data.native_bf16(wanted["cuda"])
+            wanted[flag] = data.native_bf16(wanted["cuda"])
     prefix = f"{wanted['task']}-{wanted['obs']}-{Path(wanted['dataset']).stem}__{script}__{wanted['seed']}__"
     for folder in sorted(Path(wanted["runs_dir"]).glob(f"{prefix}*"), reverse=True):
         if (folder / "result.json").exists() or not (folder / "model.pt").exists():
@@ -321,10 +324,6 @@ def table2(only: tuple[str, ...] = ()) -> None:
 
     `only` ("task/dataset", e.g. "ant/medium") remeasures those rows and keeps the others from the CSV.
     """
-    sys.path.insert(0, str(ROOT))
-    import data
-    import envs
-
     csv_path = RESULTS / "table2.csv"
     rows = {(r["task"], r["dataset"]): r for r in read_rows(csv_path)} if only else {}
     unknown = set(only) - {f"{task}/{dataset}" for task, dataset in PAPER_TABLE2}

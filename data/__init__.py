@@ -279,6 +279,11 @@ def stop_requests():
             signal.signal(signum, handler)
 
 
+class Stopped(SystemExit):
+    """A run that stopped on request (Ctrl-C or SIGTERM) after saving its checkpoint. It exits like
+    sys.exit with its message (which says how to go on); benchmark/run.py tells it from a failure by its type."""
+
+
 class Progress:
     """Between evaluations (which can be an hour apart on ant), one line at most every `seconds` saying
     where a run stands: the step, the speed, the time left, and the numbers it is given (tensors are

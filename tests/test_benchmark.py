@@ -109,14 +109,14 @@ def test_a_failing_grid_job_is_reported_not_raised(tmp_path, monkeypatch):
 def test_a_grid_job_stopped_by_a_signal_is_told_apart_from_a_failure(monkeypatch):
     import torch
 
-    class Script:  # what every script does on Ctrl-C or SIGTERM: save a checkpoint, then exit with this message
+    class Script:  # what every script does on Ctrl-C or SIGTERM: save a checkpoint, then raise data.Stopped
         @dataclass
         class Args:
             seed: int = 0
 
         @staticmethod
         def main(args):
-            sys.exit(f"stopped at step 3; go on with: python algos/x.py --resume runs/x__{args.seed}")
+            raise run.data.Stopped(f"stopped at step 3; go on with: python algos/x.py --resume runs/x__{args.seed}")
 
     monkeypatch.setattr(run, "script_module", lambda name: Script)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # run_one sets one thread for its worker process
