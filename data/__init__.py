@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -284,10 +285,16 @@ class Stopped(SystemExit):
     sys.exit with its message (which says how to go on); benchmark/run.py tells it from a failure by its type."""
 
 
+class Diverged(UserInputError):
+    """Training produced a NaN or infinite loss: the settings do not suit the data. Like a bad input, the
+    scripts print its message, which says what to try, on one line."""
+
+
 class Progress:
     """Between evaluations (which can be an hour apart on ant), one line at most every `seconds` saying
-    where a run stands: the step, the speed, the time left, and the numbers it is given (tensors are
-    read only when a line is printed, so calling it every step costs nothing)."""
+    where a run stands: the step, the speed, the time left, and the numbers it is given. Every call
+    reads those numbers (a GPU sync: call it every 100 steps or so) and stops a run whose numbers are
+    no longer finite with `Diverged`, rather than let it train on NaN for hours."""
 
     def __init__(self, total_steps: int, start_step: int = 0, seconds: float = 60.0):
         self.total, self.seconds = total_steps, seconds
@@ -295,6 +302,11 @@ class Progress:
         self.last = self.start
 
     def __call__(self, step: int, **values) -> None:
+        # .item(): a loss that still requires grad reads without a warning
+        values = {name: value.item() if hasattr(value, "item") else value for name, value in values.items()}
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise Diverged(f"{name} became {value} by step {step:,}: training diverged; try a smaller --learning-rate")
         now = time.time()
         if now - self.last < self.seconds or step <= self.start_step:
             return
@@ -302,8 +314,7 @@ class Progress:
         rate = (step - self.start_step) / max(now - self.start, 1e-9)
         left = (self.total - step) / rate
         left = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
-        # .item(): a loss that still requires grad reads without a warning
-        numbers = "".join(f", {name} {value.item() if hasattr(value, 'item') else value:.4g}" for name, value in values.items())
+        numbers = "".join(f", {name} {value:.4g}" for name, value in values.items())
         print(f"step {step:,}/{self.total:,}: {rate:.3g} steps/s, {left} left{numbers}", flush=True)
 
 

@@ -210,6 +210,17 @@ def test_progress_prints_a_line_at_most_every_interval_with_speed_time_left_and_
     ]
 
 
+def test_progress_stops_a_run_whose_numbers_are_no_longer_finite():
+    import torch
+
+    progress = data.Progress(total_steps=1_000, seconds=3600)  # no line due: the check runs on every call
+    progress(100, q_loss=torch.tensor(2.0, requires_grad=True) * 1, online=5)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(data.Diverged, match=f"q_loss became {bad} by step 200: training diverged; try a smaller --learning-rate"):
+            progress(200, q_loss=torch.tensor(bad), online=5)
+    assert issubclass(data.Diverged, envs.UserInputError)  # the scripts print it on one line, without a traceback
+
+
 def test_compile_in_place_says_why_not_without_a_cpp_compiler(monkeypatch, capsys):
     import torch
 
