@@ -38,9 +38,10 @@
 # - Continuous actions: Gaussian policies, action-bound penalty, per-dimension entropy
 #   temperatures. MAPPO learns at 3e-4 for 1,500 learning steps on reacher and at 1e-4 for 3,000
 #   on ant (the paper: 5e-5 for 1e5), which takes minutes instead of hours or days on a CPU.
-# - The agents' networks run under bfloat16 autocast on MuJoCo tasks (--bf16), their outputs
-#   cast back to float32 before distributions, values and losses, and the memory module is
-#   compiled with torch.compile (--compile): the ant PO loop ran 1.45x faster on one CPU core.
+# - The agents' networks run under bfloat16 autocast on MuJoCo tasks (--bf16) where the hardware
+#   has native bfloat16 (float32 elsewhere), their outputs cast back to float32 before
+#   distributions, values and losses, and the memory module is compiled with torch.compile
+#   (--compile): the ant PO loop ran 1.45x faster on one CPU core.
 #
 # Ablations: --ground-truth-model (MOMA-PPO-gt, Table 5: rollouts step the real simulator from
 # the same dataset states), --penalty aleatoric (section 6.3), --lambda-r, --lambda-g, --l-eps
