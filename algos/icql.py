@@ -31,9 +31,9 @@
 # applied to all agents' networks together (one batched network with [agents, in, out] weights);
 # the memory module is trained by the critic loss only, at Appendix A's 1e-4.
 # On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32) where
-# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls. There the memory
-# module is also compiled (--compile, needs a C++ compiler on CPU): 1.1x faster on ant PO
-# (its sampled CQL actions dominate).
+# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of
+# bfloat16 rounding inside the matmuls. There the memory module is also compiled (--compile, needs a
+# C++ compiler on CPU): 1.1x faster on ant PO (its sampled CQL actions dominate).
 import copy
 import json
 import math

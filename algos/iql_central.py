@@ -25,7 +25,8 @@
 # the three losses come from one batch and are minimised with one backward pass (their
 # parameters are disjoint).
 # On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32) where
-# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls.
+# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of
+# bfloat16 rounding inside the matmuls.
 import json
 import math
 import random

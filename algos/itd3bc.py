@@ -21,8 +21,9 @@
 # actors (critics) at once rather than per agent; the memory is trained by the critic loss only
 # (the paper also backprops the actor loss through it), at the paper's 1e-4.
 # On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32) where
-# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls. There the memory
-# module is also compiled (--compile, needs a C++ compiler on CPU): 1.4x faster on ant PO.
+# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of
+# bfloat16 rounding inside the matmuls. There the memory module is also compiled (--compile, needs a
+# C++ compiler on CPU): 1.4x faster on ant PO.
 import copy
 import json
 import math

@@ -39,8 +39,9 @@
 # the memory's gradient being the sum of those of the Q and V losses).
 # The agents' networks are one batched network ([agents, in, out] weights).
 # On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32) where
-# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls. There the memory
-# module is also compiled (--compile, needs a C++ compiler on CPU): 1.5x faster on ant PO.
+# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of
+# bfloat16 rounding inside the matmuls. There the memory module is also compiled (--compile, needs a
+# C++ compiler on CPU): 1.5x faster on ant PO.
 import copy
 import json
 import math

@@ -26,8 +26,9 @@
 # statistics stay the dataset's during fine-tuning; exploration is the policies' own sampling
 # (IQL's fine-tuning too), actions clipped to [-1, 1].
 # On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32) where
-# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls. There the memory
-# module is also compiled (--compile, needs a C++ compiler on CPU): 1.35x faster on ant PO.
+# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of
+# bfloat16 rounding inside the matmuls. There the memory module is also compiled (--compile, needs a
+# C++ compiler on CPU): 1.35x faster on ant PO.
 import copy
 import json
 import math

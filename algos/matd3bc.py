@@ -34,8 +34,9 @@
 # the actors another ([agents, in, out]); gradient norms are clipped at 1 over all actors (all
 # critics) at once; the memory learns at the paper's 1e-4.
 # On MuJoCo the training steps run under bfloat16 autocast (--bf16; the layers return float32) where
-# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of bfloat16 rounding inside the matmuls. There the memory
-# module is also compiled (--compile, needs a C++ compiler on CPU): 1.27x faster on ant PO.
+# the hardware has native bfloat16 (float32 elsewhere): 2-3x faster on CPUs with AMX, at the cost of
+# bfloat16 rounding inside the matmuls. There the memory module is also compiled (--compile, needs a
+# C++ compiler on CPU): 1.27x faster on ant PO.
 import copy
 import json
 import math
