@@ -1,4 +1,4 @@
-"""The benchmark tools: the grid's worker, recording runs made outside the grid (--add), the world-model sweep, the rollout diagnosis."""
+"""The benchmark tools: the grid's worker, recording runs made outside the grid (--add), the world-model sweep, the rollout diagnosis, the episode statistics."""
 
 import csv
 import importlib.util
@@ -206,3 +206,28 @@ def test_an_interrupted_run_is_found_where_bfloat16_was_switched_off(tmp_path, m
     assert run.unfinished_run("ibc", argv) == folder
     monkeypatch.setattr(module.data, "native_bf16", lambda cuda: True)  # there the run would have used bfloat16
     assert run.unfinished_run("ibc", argv) is None
+
+
+def test_episode_stats_replays_the_final_evaluation_and_records_each_episode(small_reacher_dataset, tmp_path, capsys):
+    import numpy as np
+
+    from algos import ibc
+
+    ibc.main(ibc.Args(task="reacher", obs="independent", dataset=small_reacher_dataset, total_steps=5, eval_episodes=3,
+                      compile=False, runs_dir=str(tmp_path)))  # fmt: skip
+    (run_dir,) = tmp_path.glob("*__*")
+    result = json.loads((run_dir / "result.json").read_text())
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    stats = load_benchmark("episode_stats")
+    out = stats.main(stats.Args(run=str(run_dir)))
+    assert out["score"] == result["normalized_score"]  # the same episodes and actions as the run's own evaluation
+    assert out["lengths"] == [50, 50, 50] and np.isclose(np.mean(out["returns"]), result["return"])
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before  # it resumed a copy, not the run
+
+    episodes = []  # on ant the torso's displacement too: a team that does nothing stands where it started
+    ant = stats.Recorder(stats.envs.make("ant", "po"), episodes)
+    ant.reset(seed=0)
+    while ant.agents:
+        ant.step({agent: np.zeros(2) for agent in ant.possible_agents})
+    ((episode,),) = [episodes]
+    assert episode["length"] == 1000 and np.linalg.norm(episode["displacement"]) < 0.5 and 900 < episode["return"] < 1001

@@ -1,0 +1,110 @@
+"""What a finished run's team does in its evaluation episodes: how long it stays up, and on ant where it goes.
+
+    python benchmark/episode_stats.py runs/ant-po-medium__icql__1__<time>
+
+Any script's run: its folder is copied to a temporary one and resumed there, and a finished run goes
+straight to its final evaluation (the same episodes, seeds and greedy actions as the one that made
+its score, so the score is printed again as a check). Each evaluation episode's length and return
+are recorded and, on ant, the torso's displacement in the plane, since ant's reward is the velocity
+along x plus 1 per step upright: a team that stands for 1,000 steps scores about 0.3 normalized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import envs  # noqa: E402
+
+
+@dataclass
+class Args:
+    run: tyro.conf.Positional[str]
+    """a finished run folder (with model.pt and result.json), of any script in algos/"""
+
+
+class Recorder:
+    """Wraps an environment copy's reset and step to note each episode's length, return and (ant) displacement."""
+
+    def __init__(self, copy, episodes: list):
+        self.copy, self.episodes = copy, episodes
+        self.reset, self.step = self._reset, self._step
+        self._inner_reset, self._inner_step = copy.reset, copy.step
+
+    def position(self) -> np.ndarray | None:
+        """The torso's (x, y) on ant; None elsewhere."""
+        return self.copy.env.unwrapped.data.qpos[:2].copy() if self.copy.task == "ant" else None
+
+    def _reset(self, **kwargs):
+        out = self._inner_reset(**kwargs)
+        self.current = {"length": 0, "return": 0.0, "start": self.position()}
+        return out
+
+    def _step(self, actions):
+        out = self._inner_step(actions)
+        self.current["length"] += 1
+        self.current["return"] += next(iter(out[1].values()))
+        if not self.copy.agents:  # the episode ended
+            if self.current["start"] is not None:
+                self.current["displacement"] = self.position() - self.current.pop("start")
+            self.episodes.append(self.current)
+        return out
+
+    def __getattr__(self, name):  # everything else is the copy's own
+        return getattr(self.copy, name)
+
+
+def main(args: Args) -> dict:
+    run = Path(args.run)
+    result = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else None
+    if result is None or not (run / "model.pt").exists():
+        raise envs.UserInputError(f"'{run}' is not a finished run: it needs model.pt and result.json")
+    algo = result["algo"]
+    spec = importlib.util.spec_from_file_location(algo, ROOT / "algos" / f"{algo}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[algo] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+
+    episodes: list[dict] = []
+    make_copies = envs._evaluation_copies
+    envs._evaluation_copies = lambda env, count: [Recorder(c, episodes) for c in make_copies(env, count)]
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / run.name
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns("events.out.tfevents.*"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            again = module.main(tyro.cli(module.Args, args=["--resume", str(copy)]))
+    envs._evaluation_copies = make_copies
+
+    lengths = np.array([e["length"] for e in episodes])
+    returns = np.array([e["return"] for e in episodes])
+    print(f"{run.name}: {len(episodes)} episodes, normalized score {again['normalized_score']:.4f} "
+          f"(result.json: {result['normalized_score']:.4f})")  # fmt: skip
+    print(f"  length: mean {lengths.mean():.0f}, min {lengths.min()}, {np.mean(lengths == lengths.max()):.0%} "
+          f"reach {lengths.max()}; return: mean {returns.mean():.1f}, min {returns.min():.1f}, max {returns.max():.1f}")  # fmt: skip
+    stats = {"score": again["normalized_score"], "lengths": lengths.tolist(), "returns": returns.tolist()}
+    if episodes and "displacement" in episodes[0]:
+        moved = np.array([e["displacement"] for e in episodes])  # [E, 2]
+        x, distance = moved[:, 0], np.linalg.norm(moved, axis=1)
+        print(f"  torso moved: along x mean {x.mean():.1f} m (min {x.min():.1f}, max {x.max():.1f}), "
+              f"distance mean {distance.mean():.1f} m; return per step {returns.sum() / lengths.sum():.2f}")  # fmt: skip
+        stats["displacement"] = moved.tolist()
+    return stats
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except envs.UserInputError as error:
+        sys.exit(f"error: {error}")
