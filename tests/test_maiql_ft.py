@@ -97,7 +97,7 @@ def test_a_run_stopped_during_fine_tuning_resumes_where_it_stopped(small_reacher
 
     with monkeypatch.context() as patch:
         patch.setattr(data, "stop_requests", contextlib.contextmanager(lambda: (yield StopAtStep14())))
-        with pytest.raises(SystemExit, match="stopped at step 14; go on with: python algos/maiql_ft.py --resume"):
+        with pytest.raises(data.Stopped, match="stopped at step 14; go on with: python algos/maiql_ft.py --resume"):
             maiql_ft.main(maiql_ft.Args(runs_dir=str(tmp_path / "split"), **args))
     (run_dir,) = (tmp_path / "split").iterdir()
     stopped = torch.load(run_dir / "model.pt", weights_only=True)
