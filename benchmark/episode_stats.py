@@ -40,20 +40,18 @@ class Recorder:
 
     def __init__(self, copy, episodes: list):
         self.copy, self.episodes = copy, episodes
-        self.reset, self.step = self._reset, self._step
-        self._inner_reset, self._inner_step = copy.reset, copy.step
 
     def position(self) -> np.ndarray | None:
         """The torso's (x, y) on ant; None elsewhere."""
         return self.copy.env.unwrapped.data.qpos[:2].copy() if self.copy.task == "ant" else None
 
-    def _reset(self, **kwargs):
-        out = self._inner_reset(**kwargs)
+    def reset(self, **kwargs):
+        out = self.copy.reset(**kwargs)
         self.current = {"length": 0, "return": 0.0, "start": self.position()}
         return out
 
-    def _step(self, actions):
-        out = self._inner_step(actions)
+    def step(self, actions):
+        out = self.copy.step(actions)
         self.current["length"] += 1
         self.current["return"] += next(iter(out[1].values()))
         if not self.copy.agents:  # the episode ended
@@ -80,12 +78,14 @@ def main(args: Args) -> dict:
     episodes: list[dict] = []
     make_copies = envs._evaluation_copies
     envs._evaluation_copies = lambda env, count: [Recorder(c, episodes) for c in make_copies(env, count)]
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / run.name
-        shutil.copytree(run, copy, ignore=shutil.ignore_patterns("events.out.tfevents.*"))
-        with contextlib.redirect_stdout(io.StringIO()):
-            again = module.main(tyro.cli(module.Args, args=["--resume", str(copy)]))
-    envs._evaluation_copies = make_copies
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / run.name
+            shutil.copytree(run, copy, ignore=shutil.ignore_patterns("events.out.tfevents.*"))
+            with contextlib.redirect_stdout(io.StringIO()):
+                again = module.main(tyro.cli(module.Args, args=["--resume", str(copy)]))
+    finally:
+        envs._evaluation_copies = make_copies
 
     lengths = np.array([e["length"] for e in episodes])
     returns = np.array([e["return"] for e in episodes])
