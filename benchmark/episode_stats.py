@@ -12,7 +12,7 @@ along x plus 1 per step upright: a team that stands for 1,000 steps scores about
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import io
 import json
 import shutil
@@ -69,11 +69,7 @@ def main(args: Args) -> dict:
     result = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else None
     if result is None or not (run / "model.pt").exists():
         raise envs.UserInputError(f"'{run}' is not a finished run: it needs model.pt and result.json")
-    algo = result["algo"]
-    spec = importlib.util.spec_from_file_location(algo, ROOT / "algos" / f"{algo}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[algo] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"algos.{result['algo']}")
 
     episodes: list[dict] = []
     make_copies = envs._evaluation_copies
