@@ -87,6 +87,15 @@ def test_collect_writes_a_valid_dataset(monkeypatch, tmp_path):
     assert steps == [10] and torch.all(policy.log_std == 0)
 
 
+def test_collecting_with_the_simulators_in_their_own_processes_gives_the_same_data():
+    torch.manual_seed(0)
+    policy = behaviour.BehaviourPolicy(27, 8, 8)
+    serial = mujoco.collect("ant", [policy], [160], seed=5, num_envs=4, parallel=False)
+    parallel = mujoco.collect("ant", [policy], [160], seed=5, num_envs=4, parallel=True)
+    for key in serial:
+        np.testing.assert_array_equal(serial[key], parallel[key], err_msg=key)
+
+
 def test_reference_returns_are_measured_and_recorded(monkeypatch, tmp_path):
     folder = tmp_path / "reacher-elbow+1"
     folder.mkdir()
