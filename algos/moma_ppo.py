@@ -386,6 +386,12 @@ def train_world_model(args, dataset, encode_actions, device, writer, generator):
             optimizer.step()
         step += args.wm_eval_every
         error = holdout_mse()
+        if not (math.isfinite(nll.item()) and torch.isfinite(error).all()):
+            # rather than stop early on a NaN holdout error as if converged and cache the last good snapshot
+            raise data.Diverged(
+                f"the world model's loss became {nll.item()} by step {step:,}: training diverged; "
+                "try a smaller --wm-learning-rate"
+            )
         improved = error < best_error * 0.99
         stale = 0 if improved.any() else stale + 1
         best_error = torch.where(improved, error, best_error)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import envs
 from algos import moma_ppo
 
@@ -268,6 +269,13 @@ def test_resume_continues_where_it_stopped(tmp_path, capsys):
     torch.testing.assert_close(whole["entropy_alpha"], split["entropy_alpha"])
     with pytest.raises(envs.UserInputError, match="nothing to resume"):
         moma_ppo.main(moma_ppo.Args(resume=str(tmp_path / "nowhere")))
+
+
+def test_a_diverging_world_model_stops_the_run_and_is_not_cached(tmp_path):
+    args = moma_ppo.Args(total_steps=2, wm_learning_rate=1e30, runs_dir=str(tmp_path), **TINY_COORDINATION)
+    with pytest.raises(data.Diverged, match="world model.*--wm-learning-rate"):
+        moma_ppo.main(args)
+    assert not list(tmp_path.glob("world_models/*.pt"))
 
 
 def test_ground_truth_model_rolls_out_in_the_simulator(tmp_path, capsys):
