@@ -7,6 +7,9 @@ straight to its final evaluation (the same episodes, seeds and greedy actions as
 its score, so the score is printed again as a check). Each evaluation episode's length and return
 are recorded and, on ant, the torso's displacement in the plane, since ant's reward is the velocity
 along x plus 1 per step upright: a team that stands for 1,000 steps scores about 0.3 normalized.
+On reacher, where the return is minus the fingertip's distance to the target summed over 50 steps
+(and the actions' cost), each episode's final distance and the side its elbow ends bent to: a team
+whose agents disagree on the bend convention misses by far, an imprecise one by a little.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ class Args:
 
 
 class Recorder:
-    """Wraps an environment copy's reset and step to note each episode's length, return and (ant) displacement."""
+    """Wraps an environment copy's reset and step to note each episode's length and return, and how it
+    ended: on ant the torso's displacement, on reacher the fingertip's distance and the elbow's side."""
 
     def __init__(self, copy, episodes: list):
         self.copy, self.episodes = copy, episodes
@@ -57,6 +61,11 @@ class Recorder:
         if not self.copy.agents:  # the episode ended
             if self.current["start"] is not None:
                 self.current["displacement"] = self.position() - self.current.pop("start")
+            if self.copy.task == "reacher":
+                sim = self.copy.env.unwrapped
+                tip_to_target = sim.get_body_com("fingertip")[:2] - sim.get_body_com("target")[:2]
+                self.current["tip_distance"] = float(np.linalg.norm(tip_to_target))
+                self.current["elbow"] = int(np.sign(sim.data.qpos[1]))  # +1 or -1: the bend convention
             self.episodes.append(self.current)
         return out
 
@@ -96,6 +105,13 @@ def main(args: Args) -> dict:
         print(f"  torso moved: along x mean {x.mean():.1f} m (min {x.min():.1f}, max {x.max():.1f}), "
               f"distance mean {distance.mean():.1f} m; return per step {returns.sum() / lengths.sum():.2f}")  # fmt: skip
         stats["displacement"] = moved.tolist()
+    if episodes and "tip_distance" in episodes[0]:
+        distance = np.array([e["tip_distance"] for e in episodes])
+        elbow = np.array([e["elbow"] for e in episodes])
+        print(f"  fingertip to target at the end: mean {100 * distance.mean():.1f} cm, median "
+              f"{100 * np.median(distance):.1f}, 90th percentile {100 * np.quantile(distance, 0.9):.1f}, "
+              f"max {100 * distance.max():.1f}; elbow ends bent + in {np.mean(elbow > 0):.0%} of episodes")  # fmt: skip
+        stats["tip_distance"], stats["elbow"] = distance.tolist(), elbow.tolist()
     return stats
 
 

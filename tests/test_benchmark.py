@@ -222,6 +222,7 @@ def test_episode_stats_replays_the_final_evaluation_and_records_each_episode(sma
     out = stats.main(stats.Args(run=str(run_dir)))
     assert out["score"] == result["normalized_score"]  # the same episodes and actions as the run's own evaluation
     assert out["lengths"] == [50, 50, 50] and np.isclose(np.mean(out["returns"]), result["return"])
+    assert all(0 <= d < 0.5 for d in out["tip_distance"]) and set(out["elbow"]) <= {-1, 0, 1}
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before  # it resumed a copy, not the run
 
     episodes = []  # on ant the torso's displacement too: a team that does nothing stands where it started
@@ -231,3 +232,12 @@ def test_episode_stats_replays_the_final_evaluation_and_records_each_episode(sma
         ant.step({agent: np.zeros(2) for agent in ant.possible_agents})
     ((episode,),) = [episodes]
     assert episode["length"] == 1000 and np.linalg.norm(episode["displacement"]) < 0.5 and 900 < episode["return"] < 1001
+
+    episodes = []  # on reacher the fingertip's final distance: the state's last two components (tip - target)
+    reacher = stats.Recorder(stats.envs.make("reacher", "independent"), episodes)
+    reacher.reset(seed=0)
+    while reacher.agents:
+        reacher.step({agent: np.full(1, 0.5) for agent in reacher.possible_agents})
+    ((episode,),) = [episodes]
+    assert np.isclose(episode["tip_distance"], np.linalg.norm(reacher.state()[8:10]), atol=1e-6)
+    assert episode["elbow"] == 1  # both joints driven positive: the elbow ends bent to +
