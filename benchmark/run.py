@@ -25,6 +25,8 @@ import importlib.util
 import io
 import json
 import multiprocessing as mp
+import os
+import signal
 import sys
 import time
 import traceback
@@ -170,6 +172,18 @@ def run_one(job: tuple[str, list[str]]) -> dict:
         return {"error": str(error.code) if stopped else traceback.format_exc(), "stopped": stopped, "algo": script, "argv": argv}
     result["curve"] = learning_curve(Path(result["run_dir"]))
     return result
+
+
+def stop_workers_on_sigterm() -> None:
+    """`kill GRID_PID` stops the grid as Ctrl-C does: every running script gets the signal, saves its
+    checkpoint and stops (SIGTERM to this process alone used to end the workers without one)."""
+
+    def forward(signum, frame):
+        for child in mp.active_children():
+            os.kill(child.pid, signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, forward)
 
 
 def unfinished_run(script: str, argv: list[str]) -> Path | None:
@@ -475,6 +489,7 @@ def main(args: Args) -> None:
         # a fresh process per job: a grid spans hours, and a worker that kept the modules of its first job
         # would run the next jobs with that version of data/ and envs/ even after they were edited
         pool = mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1)
+        stop_workers_on_sigterm()
         with results_writer(csv_path, rows) as record, pool:
             for i, result in enumerate(pool.imap_unordered(run_one, jobs), 1):
                 if "error" in result:
@@ -498,4 +513,7 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM forwarded to the workers
+        sys.exit("grid stopped: the runs in progress saved their checkpoints; the same command goes on from them")
