@@ -385,11 +385,11 @@ def train_world_model(args, dataset, encode_actions, device, writer, generator):
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
         step += args.wm_eval_every
-        error = holdout_mse()
-        if not (math.isfinite(nll.item()) and torch.isfinite(error).all()):
+        error, last_nll = holdout_mse(), nll.item()
+        if not (math.isfinite(last_nll) and torch.isfinite(error).all()):
             # rather than stop early on a NaN holdout error as if converged and cache the last good snapshot
             raise data.Diverged(
-                f"the world model's loss became {nll.item()} by step {step:,}: training diverged; "
+                f"the world model's loss became {last_nll} by step {step:,}: training diverged; "
                 "try a smaller --wm-learning-rate"
             )
         improved = error < best_error * 0.99
@@ -398,7 +398,7 @@ def train_world_model(args, dataset, encode_actions, device, writer, generator):
         for key, value in model.state_dict().items():  # snapshot the improved members only
             if value.dim() == 3 and value.shape[0] == args.wm_members:
                 best_state[key][improved] = value[improved]
-        writer.add_scalar("losses/world_model_nll", nll.item(), step)
+        writer.add_scalar("losses/world_model_nll", last_nll, step)
         writer.add_scalar("losses/world_model_holdout_mse", best_error.mean().item(), step)
         if time.time() - last_print > 30:
             last_print = time.time()
