@@ -8,8 +8,10 @@ its score, so the score is printed again as a check). Each evaluation episode's 
 are recorded and, on ant, the torso's displacement in the plane, since ant's reward is the velocity
 along x plus 1 per step upright: a team that stands for 1,000 steps scores about 0.3 normalized.
 On reacher, where the return is minus the fingertip's distance to the target summed over 50 steps
-(and the actions' cost), each episode's final distance and the side its elbow ends bent to: a team
-whose agents disagree on the bend convention misses by far, an imprecise one by a little.
+(and the actions' cost), each episode's final distance and the side its elbow ends bent to, and how
+the two agents' final joint angles compare with the two inverse-kinematics solutions for the target
+(elbow bent + or -): a team whose agents end nearest different solutions disagrees on the bend
+convention and misses by far, one that agrees but ends off its solution is imprecise.
 """
 
 from __future__ import annotations
@@ -66,11 +68,45 @@ class Recorder:
                 tip_to_target = sim.get_body_com("fingertip")[:2] - sim.get_body_com("target")[:2]
                 self.current["tip_distance"] = float(np.linalg.norm(tip_to_target))
                 self.current["elbow"] = int(np.sign(sim.data.qpos[1]))  # +1 or -1: the bend convention
+                self.current["target"] = sim.get_body_com("target")[:2].copy()  # relative to the shoulder at (0, 0)
+                self.current["joints"] = sim.data.qpos[:2].copy()  # agent 0's shoulder, agent 1's elbow
+                self.current["links"] = (float(np.linalg.norm(sim.model.body("body1").pos[:2])),
+                                         float(np.linalg.norm(sim.model.body("fingertip").pos[:2])))  # fmt: skip
             self.episodes.append(self.current)
         return out
 
     def __getattr__(self, name):  # everything else is the copy's own
         return getattr(self.copy, name)
+
+
+def wrap(angle: np.ndarray) -> np.ndarray:
+    """Angles to [-pi, pi)."""
+    return (angle + np.pi) % (2 * np.pi) - np.pi
+
+
+def reacher_ik(target: np.ndarray, links: tuple[float, float]) -> np.ndarray:
+    """The two joint-angle solutions [2, E, 2] (elbow bent +, then -) that put a two-link arm's
+    fingertip on each target [E, 2]; a target out of reach gets the arm's nearest pose, stretched."""
+    l1, l2 = links
+    radius = np.linalg.norm(target, axis=1)
+    cos_elbow = np.clip((radius**2 - l1**2 - l2**2) / (2 * l1 * l2), -1.0, 1.0)
+    solutions = []
+    for sign in (1.0, -1.0):
+        elbow = sign * np.arccos(cos_elbow)
+        shoulder = np.arctan2(target[:, 1], target[:, 0]) - np.arctan2(l2 * np.sin(elbow), l1 + l2 * np.cos(elbow))
+        solutions.append(np.stack([wrap(shoulder), elbow], axis=1))
+    return np.stack(solutions)
+
+
+def convention_report(target: np.ndarray, joints: np.ndarray, links: tuple[float, float]) -> dict:
+    """Which inverse-kinematics solution each agent's final joint angle is nearest (+1: elbow bent +),
+    whether the two agree, and each episode's joint error from the solution the shoulder chose.
+    The agents drive different joints, so ending on one solution is the coordination asked of them."""
+    error = np.abs(wrap(joints[None] - reacher_ik(target, links)))  # [2 solutions, E, 2 agents]
+    nearest = np.where(error[0] <= error[1], 1, -1)  # [E, 2]: per agent
+    agree = nearest[:, 0] == nearest[:, 1]
+    chosen = error[np.where(nearest[:, 0] > 0, 0, 1), np.arange(len(joints))]  # [E, 2]: from the shoulder's solution
+    return {"nearest": nearest, "agree": agree, "joint_error": chosen.max(axis=1)}
 
 
 def main(args: Args) -> dict:
@@ -112,6 +148,15 @@ def main(args: Args) -> dict:
               f"{100 * np.median(distance):.1f}, 90th percentile {100 * np.quantile(distance, 0.9):.1f}, "
               f"max {100 * distance.max():.1f}; elbow ends bent + in {np.mean(elbow > 0):.0%} of episodes")  # fmt: skip
         stats["tip_distance"], stats["elbow"] = distance.tolist(), elbow.tolist()
+        report = convention_report(np.array([e["target"] for e in episodes]), np.array([e["joints"] for e in episodes]),
+                                   episodes[0]["links"])  # fmt: skip
+        agree = report["agree"]
+        missed = (f"{100 * distance[agree].mean():.1f} cm" if agree.any() else "-",
+                  f"{100 * distance[~agree].mean():.1f} cm" if (~agree).any() else "-")  # fmt: skip
+        print(f"  agents end nearest the same inverse-kinematics solution in {agree.mean():.0%} of episodes "
+              f"(final distance mean {missed[0]}; the others {missed[1]}); median joint error from the "
+              f"shoulder's solution {np.median(report['joint_error']):.2f} rad")  # fmt: skip
+        stats["agree"], stats["joint_error"] = agree.tolist(), report["joint_error"].tolist()
     return stats
 
 

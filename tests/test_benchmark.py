@@ -241,3 +241,33 @@ def test_episode_stats_replays_the_final_evaluation_and_records_each_episode(sma
     ((episode,),) = [episodes]
     assert np.isclose(episode["tip_distance"], np.linalg.norm(reacher.state()[8:10]), atol=1e-6)
     assert episode["elbow"] == 1  # both joints driven positive: the elbow ends bent to +
+    # the recorded joints and links put the fingertip where the simulator has it
+    (l1, l2), (q1, q2) = episode["links"], episode["joints"]
+    forward = np.array([l1 * np.cos(q1) + l2 * np.cos(q1 + q2), l1 * np.sin(q1) + l2 * np.sin(q1 + q2)])
+    assert np.allclose(forward - episode["target"], reacher.state()[8:10], atol=1e-6)
+
+
+def test_reacher_inverse_kinematics_and_the_agents_convention():
+    import numpy as np
+
+    stats = load_benchmark("episode_stats")
+    links = (0.1, 0.11)
+    rng = np.random.default_rng(0)
+    radius, angle = rng.uniform(0.03, 0.2, 50), rng.uniform(-np.pi, np.pi, 50)
+    target = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
+    solutions = stats.reacher_ik(target, links)  # [2, E, 2]
+    for q, sign in zip(solutions, (1, -1)):
+        tip = np.stack([links[0] * np.cos(q[:, 0]) + links[1] * np.cos(q.sum(1)),
+                        links[0] * np.sin(q[:, 0]) + links[1] * np.sin(q.sum(1))], axis=1)  # fmt: skip
+        assert np.allclose(tip, target, atol=1e-9) and np.all(np.sign(q[:, 1]) == sign)
+    far = stats.reacher_ik(np.array([[0.5, 0.0]]), links)  # out of reach: stretched towards it
+    assert np.allclose(far[:, 0], 0.0)
+
+    # agents on the + solution, then with the elbow switched to the - one's angle: they disagree
+    plus, minus = solutions[0], solutions[1]
+    report = stats.convention_report(target, plus + 0.01, links)
+    assert report["agree"].all() and (report["nearest"] == 1).all() and np.allclose(report["joint_error"], 0.01)
+    mixed = np.stack([plus[:, 0], minus[:, 1]], axis=1)
+    report = stats.convention_report(target, mixed, links)
+    assert not report["agree"].any() and (report["nearest"][:, 0] == 1).all() and (report["nearest"][:, 1] == -1).all()
+    assert np.allclose(report["joint_error"], np.abs(stats.wrap(minus[:, 1] - plus[:, 1])))
