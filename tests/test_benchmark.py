@@ -124,6 +124,41 @@ def test_a_grid_job_stopped_by_a_signal_is_told_apart_from_a_failure(monkeypatch
     assert result["stopped"] and result["error"] == "stopped at step 3; go on with: python algos/x.py --resume runs/x__1"
 
 
+def _worker_waiting_for_a_stop_request(ready, path):
+    """What a grid worker's script does: wait in its training loop until Ctrl-C or SIGTERM asks it to stop, then save."""
+    import time
+
+    with run.data.stop_requests() as requests:
+        ready.set()
+        while not requests:
+            time.sleep(0.01)
+    Path(path).write_text("checkpoint saved")
+
+
+def test_sigterm_to_the_grid_reaches_its_workers_and_stops_the_grid(tmp_path):
+    import multiprocessing as mp
+    import os
+    import signal
+
+    context = mp.get_context("fork")  # a plain child of this process, as the grid's pool workers are
+    ready, saved = context.Event(), tmp_path / "saved"
+    worker = context.Process(target=_worker_waiting_for_a_stop_request, args=(ready, str(saved)))
+    worker.start()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert ready.wait(30)
+        run.stop_workers_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):  # the grid ends as on Ctrl-C
+            os.kill(os.getpid(), signal.SIGTERM)  # `kill GRID_PID`
+            worker.join(30)  # the handler runs here at the latest
+        worker.join(30)
+        assert worker.exitcode == 0 and saved.read_text() == "checkpoint saved"  # the worker stopped cleanly, after saving
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if worker.is_alive():
+            worker.kill()
+
+
 def test_add_refuses_unfinished_runs_and_other_tasks(tmp_path):
     (tmp_path / "running").mkdir()
     with pytest.raises(SystemExit, match="has not finished"):
