@@ -45,8 +45,10 @@
 #
 # Ablations: --ground-truth-model (MOMA-PPO-gt, Table 5: rollouts step the real simulator from
 # the same dataset states), --penalty aleatoric (section 6.3), --lambda-r, --lambda-g, --l-eps
-# (inf: no adaptive time-out), --rollout-length. Long runs save model.pt every --save-every
-# learning steps and on Ctrl-C / SIGTERM; --resume RUN_DIR continues one exactly where it stopped.
+# (inf: no adaptive time-out), --rollout-length; not in the paper: --episode-start-fraction (a share
+# of rollouts from episode starts, where a memory begins empty as in evaluation). Long runs save
+# model.pt every --save-every learning steps and on Ctrl-C / SIGTERM; --resume RUN_DIR continues one
+# exactly where it stopped.
 import hashlib
 import json
 import math
@@ -142,6 +144,9 @@ class Args:
     """parallel rollouts b per learning step"""
     rollout_length: int = 10
     """maximum rollout length k"""
+    episode_start_fraction: float = 0.0
+    """fraction of rollouts that start from the first state of a dataset episode (an empty history, as every
+    evaluation episode starts) instead of a uniformly drawn state (not in the paper, which draws uniformly: 0)"""
     lambda_r: float = 1.0
     """penalty on the reward uncertainty eps_r"""
     lambda_g: PerTask[float] = None
@@ -650,6 +655,17 @@ def restart_history(ended: torch.Tensor, fresh: tuple, kept: tuple) -> tuple:
     )
 
 
+def draw_start_rows(n: int, rows: int, first_rows: torch.Tensor, episode_start_fraction: float, generator) -> torch.Tensor:
+    """n dataset rows [n] to start rollouts from: uniform over all `rows`, except that a fraction of them
+    (--episode-start-fraction) are episode starts `first_rows`, where a memory has seen nothing yet."""
+    idx = torch.randint(rows, (n,), device=first_rows.device, generator=generator)
+    if episode_start_fraction > 0:  # no extra draws at 0, so that the paper's setting is unchanged
+        first = first_rows[torch.randint(len(first_rows), (n,), device=first_rows.device, generator=generator)]
+        use_first = torch.rand(n, device=first_rows.device, generator=generator) < episode_start_fraction
+        idx = torch.where(use_first, first, idx)
+    return idx
+
+
 @torch.no_grad()
 def synthetic_rollouts(env, policies, model_step, sample_starts, args) -> tuple[dict, tuple, tuple]:
     """One batch of section 3.2's rollouts: b = --rollout-batch slots of k = --rollout-length steps, every
@@ -763,6 +779,8 @@ def main(args: Args) -> dict:
         args.memory = 10 if envs.partially_observed(env) else 0
     if args.penalty not in ("epistemic", "aleatoric"):
         raise envs.UserInputError(f"unknown --penalty '{args.penalty}'; choose epistemic or aleatoric")
+    if not 0 <= args.episode_start_fraction <= 1:
+        raise envs.UserInputError(f"--episode-start-fraction {args.episode_start_fraction} is not in [0, 1]")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__moma_ppo__{args.seed}__{int(start_time)}"
     if checkpoint is None:
         run_dir = data.new_run_dir(args.runs_dir, run_name)
@@ -807,9 +825,11 @@ def main(args: Args) -> dict:
     k, b = args.rollout_length, args.rollout_batch
     value_low, value_high = value_range(dataset.rewards, args)
 
+    first_rows = torch.as_tensor(np.flatnonzero(dataset.episode_starts), device=device)
+
     def sample_starts(n: int) -> tuple[torch.Tensor, tuple]:
         """n dataset states to start rollouts from, and with memory their histories (past obs, actions, mask)."""
-        idx = torch.randint(len(start_states), (n,), device=device, generator=generator)
+        idx = draw_start_rows(n, len(start_states), first_rows, args.episode_start_fraction, generator)
         if not args.memory:
             return start_states[idx], ()
         past, mask = data.history_index(episode_first[idx], idx, args.memory)

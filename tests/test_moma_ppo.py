@@ -168,6 +168,18 @@ def test_rollout_histories_extend_and_restart():
     assert moma_ppo.extend_history((), obs, actions) == ()
 
 
+def test_episode_start_fraction_draws_that_share_of_rollouts_from_episode_starts():
+    first_rows = torch.arange(0, 50_000, 50)  # 1,000 episodes of 50 steps
+    uniform = moma_ppo.draw_start_rows(20_000, 50_000, first_rows, 0.0, torch.Generator().manual_seed(0))
+    # the paper's setting draws exactly as before the flag existed: one uniform draw
+    torch.testing.assert_close(uniform, torch.randint(50_000, (20_000,), generator=torch.Generator().manual_seed(0)))
+    assert abs((uniform % 50 == 0).float().mean().item() - 1 / 50) < 0.005
+    mixed = moma_ppo.draw_start_rows(20_000, 50_000, first_rows, 0.3, torch.Generator().manual_seed(0))
+    # 30% chosen among the starts, plus the 1/50 of the other 70% that are starts by chance
+    assert abs((mixed % 50 == 0).float().mean().item() - (0.3 + 0.7 / 50)) < 0.01
+    assert (moma_ppo.draw_start_rows(1_000, 50_000, first_rows, 1.0, None) % 50 == 0).all()
+
+
 def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path):
     """Under PO the policies read a memory summary; the value network reads the same features."""
     from data import mujoco_datasets
