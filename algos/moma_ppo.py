@@ -820,12 +820,11 @@ def main(args: Args) -> dict:
     start_states = torch.as_tensor(dataset.states, device=device)
     # with memory, a rollout starts with its dataset state's history (agent-major, like the features)
     episode_first = torch.as_tensor(dataset.episode_first(), device=device)
+    first_rows = torch.as_tensor(np.flatnonzero(dataset.episode_starts), device=device)  # --episode-start-fraction
     dataset_obs = torch.as_tensor(dataset.observations, device=device).transpose(0, 1)  # [N, T, O]
     dataset_actions = torch.as_tensor(dataset.actions, device=device).transpose(0, 1)  # [N, T, ...]
     k, b = args.rollout_length, args.rollout_batch
     value_low, value_high = value_range(dataset.rewards, args)
-
-    first_rows = torch.as_tensor(np.flatnonzero(dataset.episode_starts), device=device)
 
     def sample_starts(n: int) -> tuple[torch.Tensor, tuple]:
         """n dataset states to start rollouts from, and with memory their histories (past obs, actions, mask)."""
