@@ -96,12 +96,12 @@ def main(args: Args) -> None:
     print(f"{Path(args.run).name}: {args.starts} starts, greedy agents")
     model_rewards, _ = rollout(args.model_steps, in_model=True)
     sim_rewards, _ = rollout(args.model_steps, in_model=False)
-    print(f"reward per step over {args.model_steps} steps: world model {np.mean(model_rewards):.2f}, simulator {np.mean(sim_rewards):.2f}")
-    print("  model:    ", " ".join(f"{r:.2f}" for r in model_rewards))
-    print("  simulator:", " ".join(f"{r:.2f}" for r in sim_rewards))
+    print(f"reward per step over {args.model_steps} steps: world model {np.mean(model_rewards):.3f}, simulator {np.mean(sim_rewards):.3f}")
+    print("  model:    ", " ".join(f"{r:.3f}" for r in model_rewards))
+    print("  simulator:", " ".join(f"{r:.3f}" for r in sim_rewards))
     long_rewards, turns = rollout(args.sim_steps, in_model=False)
     print(f"simulator, {args.sim_steps} steps, reward per step from step t (t: mean over the next 10):")
-    print("  " + " ".join(f"{t}:{np.mean(long_rewards[t:t + 10]):.2f}" for t in range(0, args.sim_steps, 10)))
+    print("  " + " ".join(f"{t}:{np.mean(long_rewards[t:t + 10]):.3f}" for t in range(0, args.sim_steps, 10)))
     if turns:
         print("  mean |yaw change| (rad) after t steps: " + " ".join(f"{t}:{turns[t - 1]:.2f}" for t in range(20, args.sim_steps + 1, 20)))
 
