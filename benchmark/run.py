@@ -132,6 +132,8 @@ class Args:
     apart: the table shows, per cell, the budget run with the most seeds (the largest of those); the curves show all"""
     eval_every: int | None = None
     """evaluate every this many steps during training (default: each script's own; 0: only at the end)"""
+    cuda: bool = False
+    """pass --cuda to every run (the GPU when there is one); the workers then share the GPU, so raise --workers"""
     overwrite: bool = False
     """discard the existing results of the runs asked for instead of resuming"""
     tables_only: bool = False
@@ -266,6 +268,9 @@ def summary_table(table: str, rows: list[dict]) -> str:
             cells.append(f"{ours} ({paper})" if paper else ours)
         lines.append(f"| {row_title} | " + " | ".join(cells) + " |")
     seconds = sum(float(r["wall_seconds"]) for r in shown)
+    on_gpu = sum(r.get("device", "cpu").startswith("cuda") for r in shown)
+    runs = f"{len(shown)} runs, {seconds / 60:.1f} CPU-minutes" if not on_gpu else (
+        f"{len(shown)} runs ({on_gpu} of them on a GPU), {seconds / 60:.1f} minutes")
     kind = lambda obs: "FO" if obs in ("fo", "all-observant") else "PO"  # noqa: E731
     # One budget per algorithm and FO/PO; where the rows within it differ, the rows of each budget are named.
     titles = dict(spec["rows"])
@@ -284,8 +289,8 @@ def summary_table(table: str, rows: list[dict]) -> str:
     lines.append("")
     lines.append(
         f"Ours in bold: mean ± standard error over seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} seeds) of the normalized "
-        f"score, greedy policies, 100 evaluation episodes; the paper's in brackets. {len(shown)} runs, "
-        f"{seconds / 60:.1f} CPU-minutes in all (`python benchmark/run.py --table {table} --seeds {len(seeds)}`). Training steps: {budgets}."
+        f"score, greedy policies, 100 evaluation episodes; the paper's in brackets. "
+        f"{runs} in all (`python benchmark/run.py --table {table} --seeds {len(seeds)}`). Training steps: {budgets}."
         if seeds
         else "No results yet."
     )
@@ -435,6 +440,26 @@ def add_runs(run_dirs: tuple[str, ...], task: str, csv_path: Path, rows: list[di
             print(f"{run_dir}: recorded, normalized score {result['normalized_score']:.3f}")
 
 
+def grid_jobs(args: Args, task: str, cells: list[tuple[str, str, str]], rows: list[dict]) -> tuple[list, int]:
+    """The runs still to make, as (script, command-line arguments), seed-major so that every cell gets its
+    first seed early, and how many runs of this budget the CSV rows already hold."""
+    done = {
+        (r["algo"], r["obs"], r["dataset"], int(r["seed"]))
+        for r in rows
+        if args.total_steps is None or int(r["total_steps"]) == args.total_steps
+    }
+    flags = [] if args.total_steps is None else ["--total-steps", str(args.total_steps)]
+    flags += [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
+    flags += ["--cuda"] if args.cuda else []
+    jobs = [
+        (algo, ["--task", task, "--obs", obs, "--dataset", dataset, "--seed", str(seed), *flags])
+        for seed in range(args.seeds)
+        for algo, obs, dataset in cells
+        if (algo, obs, dataset, seed) not in done
+    ]
+    return jobs, len(done)
+
+
 def main(args: Args) -> None:
     if args.table == "2":
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -463,21 +488,9 @@ def main(args: Args) -> None:
     if args.add:
         add_runs(args.add, spec["task"], csv_path, rows)
     elif not args.tables_only:
-        done = {
-            (r["algo"], r["obs"], r["dataset"], int(r["seed"]))
-            for r in rows
-            if args.total_steps is None or int(r["total_steps"]) == args.total_steps
-        }
-        budget = [] if args.total_steps is None else ["--total-steps", str(args.total_steps)]
-        budget += [] if args.eval_every is None else ["--eval-every", str(args.eval_every)]
-        jobs = [
-            (algo, ["--task", spec["task"], "--obs", obs, "--dataset", dataset, "--seed", str(seed), *budget])
-            for seed in range(args.seeds)
-            for algo, obs, dataset in cells
-            if (algo, obs, dataset, seed) not in done
-        ]
-        if len(done):
-            print(f"resuming: {len(done)} runs already in {csv_path.relative_to(ROOT)} (--overwrite to redo them)")
+        jobs, done = grid_jobs(args, spec["task"], cells, rows)
+        if done:
+            print(f"resuming: {done} runs already in {csv_path.relative_to(ROOT)} (--overwrite to redo them)")
         # a run the last grid left unfinished (Ctrl-C, or the machine stopped) goes on from its checkpoint
         for i, (algo, argv) in enumerate(jobs):
             folder = None if args.overwrite else unfinished_run(algo, argv)

@@ -68,6 +68,9 @@ def test_summary_shows_each_cells_best_covered_budget_and_names_the_rows_of_each
     assert "**1.10 ± 0.10** (1.29 ± 0.06)" in table
     assert "moma_ppo 3,000 (FO ant-medium), moma_ppo 6,000 (FO ant-expert)." in table
     assert "4 runs, 4.0 CPU-minutes" in table
+    rows[0]["device"] = "cuda"
+    assert "4 runs (1 of them on a GPU), 4.0 minutes in all" in run.summary_table("4b", rows)
+    del rows[0]["device"]
 
     # One seed of a longer budget does not replace two seeds of a shorter one; the curves show both.
     rows.append(row("medium", 0, 0.2, 10000))
@@ -81,6 +84,20 @@ def test_summary_shows_each_cells_best_covered_budget_and_names_the_rows_of_each
     lines = run.curves_table("4b", rows).splitlines()
     assert "| MOMA-PPO | FO ant-medium | 3,000 | 2 | 3,000: 1.10 |" in lines
     assert "| MOMA-PPO | FO ant-medium | 10,000 | 1 | 10,000: 0.20 |" in lines
+
+
+def test_grid_jobs_skip_the_runs_of_this_budget_already_recorded_and_pass_the_grids_flags():
+    cells = [("icql", "fo", "medium"), ("iomar", "fo", "medium")]
+    rows = [dict(algo="icql", obs="fo", dataset="medium", seed="0", total_steps="50000"),
+            dict(algo="iomar", obs="fo", dataset="medium", seed="0", total_steps="10000")]  # fmt: skip
+    args = run.Args(table="4b", seeds=2, total_steps=50_000, eval_every=5_000, cuda=True)
+    jobs, done = run.grid_jobs(args, "ant", cells, rows)
+    assert done == 1  # the 10,000-step IOMAR run is another budget's
+    assert [(algo, argv[argv.index("--seed") + 1]) for algo, argv in jobs] == [("iomar", "0"), ("icql", "1"), ("iomar", "1")]
+    assert jobs[0][1] == ["--task", "ant", "--obs", "fo", "--dataset", "medium", "--seed", "0",
+                          "--total-steps", "50000", "--eval-every", "5000", "--cuda"]  # fmt: skip
+    jobs, done = run.grid_jobs(run.Args(table="4b", seeds=1), "ant", cells, rows)  # the scripts' own budgets, on CPU
+    assert done == 2 and jobs == []
 
 
 def test_grid_worker_reads_the_curve_of_the_run_it_made(tmp_path):
