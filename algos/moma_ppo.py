@@ -46,7 +46,8 @@
 # Ablations: --ground-truth-model (MOMA-PPO-gt, Table 5: rollouts step the real simulator from
 # the same dataset states), --penalty aleatoric (section 6.3), --lambda-r, --lambda-g, --l-eps
 # (inf: no adaptive time-out), --rollout-length; not in the paper: --episode-start-fraction (a share
-# of rollouts from episode starts, where a memory begins empty as in evaluation). Long runs save
+# of rollouts from episode starts, where a memory begins empty as in evaluation), --state-noise 0 (the
+# chosen member's mean next state instead of a draw from its Gaussian; section 3.1 does not say which). Long runs save
 # model.pt every --save-every learning steps and on Ctrl-C / SIGTERM; --resume RUN_DIR continues one
 # exactly where it stopped.
 import hashlib
@@ -155,6 +156,9 @@ class Args:
     """uncertainty threshold l_eps: time-out when eps_g >= l_eps; also caps the penalties (inf disables)"""
     penalty: str = "epistemic"
     """reward penalty: epistemic (the paper's eps_r, eps_g) or aleatoric (MOPO's, weighted by lambda_g; section 6.3)"""
+    state_noise: float = 1.0
+    """scale of the draw around the chosen member's mean next state: 1 samples the member's Gaussian (MOPO's way),
+    0 takes its mean (section 3.1 says only "sampled uniformly amongst each ensemble member's next state")"""
 
     # MAPPO (appendix A)
     learning_rate: PerTask[float] = None
@@ -292,10 +296,11 @@ class WorldModel(nn.Module):
                 layer.bias = nn.Parameter(layer.bias.data[members].clone())
 
     @torch.no_grad()
-    def step(self, states, actions, generator=None):
+    def step(self, states, actions, generator=None, noise=1.0):
         """One synthetic step for a batch: states [B, S], encoded joint actions [B, A].
 
-        Returns the next state sampled from a uniformly chosen member, the mean reward, the
+        Returns the next state of a uniformly chosen member (a draw from its Gaussian with the standard
+        deviation scaled by `noise`, so 0 gives the member's mean), the mean reward, the
         majority-vote terminal flag, the epistemic uncertainties eps_r, eps_g and MOPO's aleatoric
         uncertainty (the largest norm of a member's predicted standard deviation), with the next
         state and reward clipped to the dataset's bounding box.
@@ -310,8 +315,11 @@ class WorldModel(nn.Module):
 
         pick = torch.randint(members, (states.shape[0],), device=states.device, generator=generator)
         rows = torch.arange(states.shape[0], device=states.device)
-        noise = torch.randn(states.shape, device=states.device, generator=generator)
-        sampled = next_states[pick, rows] + noise * log_std[pick, rows, :-1].exp() * self.target_std[:-1]
+        sampled = next_states[pick, rows]
+        if noise:  # no draw at all for 0, so that the generator's stream is unchanged by it
+            sampled = sampled + torch.randn(states.shape, device=states.device, generator=generator) * (
+                noise * log_std[pick, rows, :-1].exp() * self.target_std[:-1]
+            )
         terminals = (logit > 0).float().mean(0) > 0.5
         next_state = torch.minimum(torch.maximum(sampled, self.state_low), self.state_high)
         reward = rewards.mean(0).clamp(self.reward_low, self.reward_high)
@@ -842,7 +850,7 @@ def main(args: Args) -> dict:
         """One step of every rollout slot from states [b, S] with the agents' actions [N, b, ...]: the world
         model's, or with --ground-truth-model the simulator's (exact: zero uncertainty, no penalty, no time-out)."""
         if not args.ground_truth_model:
-            return world_model.step(states, policies.encode(actions.transpose(0, 1)), generator)
+            return world_model.step(states, policies.encode(actions.transpose(0, 1)), generator, args.state_noise)
         per_agent = actions.transpose(0, 1)
         per_agent = per_agent if env.n_actions is not None else per_agent.clamp(-1, 1)  # as the world model sees them
         next_states, reward, terminal = (

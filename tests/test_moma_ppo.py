@@ -95,6 +95,28 @@ def test_world_model_step_votes_averages_and_clips(monkeypatch):
     assert torch.all(aleatoric < 1e-10)
 
 
+def test_state_noise_scales_the_draw_around_the_chosen_members_mean(monkeypatch):
+    model = _tiny_model()
+    B = 400
+    change = torch.arange(5.0).view(5, 1, 1).expand(5, B, 2) / 10  # member m: a state change of m / 10
+    log_std = torch.full((5, B, 3), math.log(0.01))  # small enough that the bounding box never clips
+    monkeypatch.setattr(model, "forward", lambda s, a: (torch.cat([change, torch.zeros(5, B, 1)], -1), log_std, torch.zeros(5, B)))
+    states = torch.zeros(B, 2)
+
+    def step(noise):
+        return model.step(states, torch.zeros(B, 1), torch.Generator().manual_seed(0), noise)[0]
+
+    exact = step(0.0)
+    members = exact[:, 0] * 10
+    torch.testing.assert_close(members, members.round())  # exactly one member's mean, no noise
+    torch.testing.assert_close(exact[:, 0], exact[:, 1])
+    assert len(members.unique()) == 5  # the member is still drawn uniformly per slot
+    # the same member and standard-normal draw, scaled: the default 1 samples the member's Gaussian
+    once, twice = step(1.0), step(2.0)
+    assert 0.005 < (once - exact).std() < 0.02
+    torch.testing.assert_close(twice - exact, 2 * (once - exact))
+
+
 def test_aleatoric_uncertainty_is_the_largest_member_std_norm(monkeypatch):
     model = _tiny_model()
     # member m predicts a standard deviation of (m + 1) / 10 in each of the 3 outputs
