@@ -46,10 +46,10 @@
 # Ablations: --ground-truth-model (MOMA-PPO-gt, Table 5: rollouts step the real simulator from
 # the same dataset states), --penalty aleatoric (section 6.3), --lambda-r, --lambda-g, --l-eps
 # (inf: no adaptive time-out), --rollout-length; not in the paper: --episode-start-fraction (a share
-# of rollouts from episode starts, where a memory begins empty as in evaluation), --state-noise 0 (the
-# chosen member's mean next state instead of a draw from its Gaussian; section 3.1 does not say which). Long runs save
-# model.pt every --save-every learning steps and on Ctrl-C / SIGTERM; --resume RUN_DIR continues one
-# exactly where it stopped.
+# of rollouts from episode starts, where a memory begins empty as in evaluation), --state-noise 0
+# (the chosen member's mean next state instead of a draw from its Gaussian; section 3.1 does not say
+# which). Long runs save model.pt every --save-every learning steps and on Ctrl-C / SIGTERM;
+# --resume RUN_DIR continues one exactly where it stopped.
 import hashlib
 import json
 import math

@@ -81,7 +81,8 @@ def main(args: Args) -> None:
             obs = env.observe(states).transpose(0, 1)  # [N, B, O]
             actions = policies.distribution(policies.features(obs, *past)).mean
             if in_model:
-                next_states, reward, terminal, *_ = world_model.step(states, policies.encode(actions.transpose(0, 1)), generator, run_args.state_noise)
+                joint = policies.encode(actions.transpose(0, 1))
+                next_states, reward, terminal, *_ = world_model.step(states, joint, generator, run_args.state_noise)
             else:
                 joint = actions.transpose(0, 1).clamp(-1, 1).numpy()
                 next_states, reward, terminal = (torch.as_tensor(x) for x in simulators.step(states.numpy(), joint))
