@@ -885,8 +885,12 @@ def main(args: Args) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         entropy_alpha.copy_(checkpoint["entropy_alpha"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
-        generator.set_state(checkpoint["rng"]["generator"])
         start_step, previous_seconds = checkpoint["step"], checkpoint.get("wall_seconds", 0.0)
+        if checkpoint["rng"]["generator"].numel() == generator.get_state().numel():
+            generator.set_state(checkpoint["rng"]["generator"])
+        else:  # saved on the other kind of device (CPU and CUDA generators differ): draw afresh from here
+            generator.manual_seed(args.seed + start_step)
+            print(f"the saved rollout generator is another device's; reseeded it for {device}", flush=True)
         print(f"resuming {run_dir} at learning step {start_step}", flush=True)
     wall_seconds = lambda: previous_seconds + time.time() - start_time  # noqa: E731, over all sessions of the run
 

@@ -495,7 +495,7 @@ def main(args: Args) -> None:
         for i, (algo, argv) in enumerate(jobs):
             folder = None if args.overwrite else unfinished_run(algo, argv)
             if folder is not None:
-                jobs[i] = (algo, ["--resume", str(folder)])
+                jobs[i] = (algo, ["--resume", str(folder), *(["--cuda"] if args.cuda else [])])
                 print(f"{folder}: interrupted, goes on from its checkpoint")
         start = time.time()
         failed = stopped = 0

@@ -354,7 +354,8 @@ def compile_in_place(*modules, device) -> None:
 
 
 def resume(args):
-    """For `--resume RUN`: the settings RUN was started with (keeping a newly given --total-steps),
+    """For `--resume RUN`: the settings RUN was started with (keeping a newly given --total-steps, and
+    --cuda as given now: where to run is this command's choice, so a CPU run can go on on a GPU and back),
     its folder and its checkpoint. RUN is a run folder or its model.pt. Saved settings that a later
     version of the script no longer has are dropped, and printed."""
     import torch
@@ -370,6 +371,8 @@ def resume(args):
         print(f"ignoring saved settings this version does not have: {dropped}")
     saved = type(args)(**{k: v for k, v in checkpoint["args"].items() if k in known})
     saved.total_steps, saved.resume = args.total_steps or saved.total_steps, args.resume
+    if hasattr(saved, "cuda"):
+        saved.cuda = args.cuda
     return saved, path.parent, checkpoint
 
 

@@ -173,16 +173,19 @@ def test_resume_reads_the_saved_settings_keeps_a_new_budget_and_drops_unknown_on
         total_steps: int | None = None
         seed: int = 0
         resume: str | None = None
+        cuda: bool = False
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    data.save_checkpoint(run_dir, {"args": {"total_steps": 10, "seed": 7, "resume": None, "old_flag": 1}, "step": 5})
+    saved = {"total_steps": 10, "seed": 7, "resume": None, "cuda": True, "old_flag": 1}
+    data.save_checkpoint(run_dir, {"args": saved, "step": 5})
     assert not (run_dir / "model.pt.tmp").exists()
     args, folder, checkpoint = data.resume(Args(resume=str(run_dir)))
     assert (args.total_steps, args.seed, args.resume, folder, checkpoint["step"]) == (10, 7, str(run_dir), run_dir, 5)
     assert "old_flag" in capsys.readouterr().out
-    args, _, _ = data.resume(Args(resume=str(run_dir / "model.pt"), total_steps=20))
-    assert args.total_steps == 20 and args.seed == 7
+    assert not args.cuda  # started with --cuda, resumed without it: the device is the new command's
+    args, _, _ = data.resume(Args(resume=str(run_dir / "model.pt"), total_steps=20, cuda=True))
+    assert args.total_steps == 20 and args.seed == 7 and args.cuda
     with pytest.raises(envs.UserInputError, match="nothing to resume"):
         data.resume(Args(resume=str(tmp_path / "nowhere")))
     state = data.rng_state()

@@ -305,6 +305,19 @@ def test_resume_continues_where_it_stopped(tmp_path, capsys):
         moma_ppo.main(moma_ppo.Args(resume=str(tmp_path / "nowhere")))
 
 
+def test_resume_on_another_device_reseeds_the_rollout_generator(tmp_path, capsys):
+    """A checkpoint whose rollout generator state is another device's (a CUDA Philox state is 16 bytes, a
+    CPU Mersenne Twister's 5,056) still resumes: the generator is reseeded, and the run says so."""
+    moma_ppo.main(moma_ppo.Args(total_steps=2, runs_dir=str(tmp_path), **TINY_COORDINATION))
+    (run_dir,) = tmp_path.glob("*__*")
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
+    checkpoint["rng"]["generator"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(checkpoint, run_dir / "model.pt")
+    result = moma_ppo.main(moma_ppo.Args(resume=str(run_dir), total_steps=3))
+    assert "the saved rollout generator is another device's" in capsys.readouterr().out
+    assert result["total_steps"] == 3 and torch.load(run_dir / "model.pt", weights_only=False)["step"] == 3
+
+
 def test_a_diverging_world_model_stops_the_run_and_is_not_cached(tmp_path):
     args = moma_ppo.Args(total_steps=2, wm_learning_rate=1e30, runs_dir=str(tmp_path), **TINY_COORDINATION)
     with pytest.raises(data.Diverged, match="world model.*--wm-learning-rate"):
