@@ -201,6 +201,7 @@ def unfinished_run(script: str, argv: list[str]) -> Path | None:
     for flag in ("bf16", "wm_bf16"):  # as the scripts settle them: off where bfloat16 is only emulated
         if wanted.get(flag):
             wanted[flag] = data.native_bf16(wanted["cuda"])
+    del wanted["cuda"]  # the device is the resuming command's: a run begun on the CPU goes on under --cuda
     prefix = f"{wanted['task']}-{wanted['obs']}-{Path(wanted['dataset']).stem}__{script}__{wanted['seed']}__"
     for folder in sorted(Path(wanted["runs_dir"]).glob(f"{prefix}*"), reverse=True):
         if (folder / "result.json").exists() or not (folder / "model.pt").exists():

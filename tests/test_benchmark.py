@@ -256,6 +256,7 @@ def test_an_interrupted_run_is_found_where_bfloat16_was_switched_off(tmp_path, m
     torch.save({"args": asdict(args)}, folder / "model.pt")
     monkeypatch.setattr(module.data, "native_bf16", lambda cuda: False)
     assert run.unfinished_run("ibc", argv) == folder
+    assert run.unfinished_run("ibc", [*argv, "--cuda"]) == folder  # begun on the CPU, it goes on on a GPU
     monkeypatch.setattr(module.data, "native_bf16", lambda cuda: True)  # there the run would have used bfloat16
     assert run.unfinished_run("ibc", argv) is None
 
