@@ -48,8 +48,9 @@
 # (inf: no adaptive time-out), --rollout-length; not in the paper: --episode-start-fraction (a share
 # of rollouts from episode starts, where a memory begins empty as in evaluation), --state-noise 0
 # (the chosen member's mean next state instead of a draw from its Gaussian; section 3.1 does not say
-# which). Long runs save model.pt every --save-every learning steps and on Ctrl-C / SIGTERM;
-# --resume RUN_DIR continues one exactly where it stopped.
+# which), --terminal rule (the simulator's termination test instead of the learned one). Long runs
+# save model.pt every --save-every learning steps and on Ctrl-C / SIGTERM; --resume RUN_DIR
+# continues one exactly where it stopped.
 import hashlib
 import json
 import math
@@ -159,6 +160,10 @@ class Args:
     state_noise: float = 1.0
     """scale of the draw around the chosen member's mean next state: 1 samples the member's Gaussian (MOPO's way),
     0 takes its mean (section 3.1 says only "sampled uniformly amongst each ensemble member's next state")"""
+    terminal: str = "learned"
+    """what ends a synthetic episode: learned (the paper's: the members' Bernoulli heads, majority vote) or
+    rule (the simulator's own test on the next state, as MOPO and MBPO do: Ant's torso height out of [0.2, 1];
+    MuJoCo tasks only)"""
 
     # MAPPO (appendix A)
     learning_rate: PerTask[float] = None
@@ -296,12 +301,13 @@ class WorldModel(nn.Module):
                 layer.bias = nn.Parameter(layer.bias.data[members].clone())
 
     @torch.no_grad()
-    def step(self, states, actions, generator=None, noise=1.0):
+    def step(self, states, actions, generator=None, noise=1.0, terminal_bounds=None):
         """One synthetic step for a batch: states [B, S], encoded joint actions [B, A].
 
         Returns the next state of a uniformly chosen member (a draw from its Gaussian with the standard
-        deviation scaled by `noise`, so 0 gives the member's mean), the mean reward, the
-        majority-vote terminal flag, the epistemic uncertainties eps_r, eps_g and MOPO's aleatoric
+        deviation scaled by `noise`, so 0 gives the member's mean), the mean reward, the terminal flag
+        (the members' majority vote, or with `terminal_bounds`, {state index: (low, high)}, whether that
+        next state leaves a range), the epistemic uncertainties eps_r, eps_g and MOPO's aleatoric
         uncertainty (the largest norm of a member's predicted standard deviation), with the next
         state and reward clipped to the dataset's bounding box.
         """
@@ -320,7 +326,12 @@ class WorldModel(nn.Module):
             sampled = sampled + torch.randn(states.shape, device=states.device, generator=generator) * (
                 noise * log_std[pick, rows, :-1].exp() * self.target_std[:-1]
             )
-        terminals = (logit > 0).float().mean(0) > 0.5
+        if terminal_bounds is None:
+            terminals = (logit > 0).float().mean(0) > 0.5
+        else:  # tested before the bounding-box clip, which keeps Ant's torso below 1 (the data's highest: 0.99998)
+            terminals = ~torch.isfinite(sampled).all(-1)
+            for i, (low, high) in terminal_bounds.items():
+                terminals |= (sampled[:, i] < low) | (sampled[:, i] > high)
         next_state = torch.minimum(torch.maximum(sampled, self.state_low), self.state_high)
         reward = rewards.mean(0).clamp(self.reward_low, self.reward_high)
         return next_state, reward, terminals, eps_r, eps_g, aleatoric
@@ -787,6 +798,11 @@ def main(args: Args) -> dict:
         args.memory = 10 if envs.partially_observed(env) else 0
     if args.penalty not in ("epistemic", "aleatoric"):
         raise envs.UserInputError(f"unknown --penalty '{args.penalty}'; choose epistemic or aleatoric")
+    if args.terminal not in ("learned", "rule"):
+        raise envs.UserInputError(f"unknown --terminal '{args.terminal}'; choose learned or rule")
+    if args.terminal == "rule" and not hasattr(env, "terminal_bounds"):
+        raise envs.UserInputError(f"--terminal rule needs a MuJoCo task (reacher, ant), not {args.task}")
+    terminal_bounds = env.terminal_bounds if args.terminal == "rule" else None
     if not 0 <= args.episode_start_fraction <= 1:
         raise envs.UserInputError(f"--episode-start-fraction {args.episode_start_fraction} is not in [0, 1]")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__moma_ppo__{args.seed}__{int(start_time)}"
@@ -850,7 +866,8 @@ def main(args: Args) -> dict:
         """One step of every rollout slot from states [b, S] with the agents' actions [N, b, ...]: the world
         model's, or with --ground-truth-model the simulator's (exact: zero uncertainty, no penalty, no time-out)."""
         if not args.ground_truth_model:
-            return world_model.step(states, policies.encode(actions.transpose(0, 1)), generator, args.state_noise)
+            joint = policies.encode(actions.transpose(0, 1))
+            return world_model.step(states, joint, generator, args.state_noise, terminal_bounds)
         per_agent = actions.transpose(0, 1)
         per_agent = per_agent if env.n_actions is not None else per_agent.clamp(-1, 1)  # as the world model sees them
         next_states, reward, terminal = (

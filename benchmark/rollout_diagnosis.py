@@ -82,7 +82,8 @@ def main(args: Args) -> None:
             actions = policies.distribution(policies.features(obs, *past)).mean
             if in_model:
                 joint = policies.encode(actions.transpose(0, 1))
-                next_states, reward, terminal, *_ = world_model.step(states, joint, generator, run_args.state_noise)
+                bounds = env.terminal_bounds if run_args.terminal == "rule" else None
+                next_states, reward, terminal, *_ = world_model.step(states, joint, generator, run_args.state_noise, bounds)
             else:
                 joint = actions.transpose(0, 1).clamp(-1, 1).numpy()
                 next_states, reward, terminal = (torch.as_tensor(x) for x in simulators.step(states.numpy(), joint))

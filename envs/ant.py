@@ -38,6 +38,12 @@ class FourAgentAnt(MujocoTeam):
         "po": [TORSO + LEGS["front_left"][1]] + [obs for _, obs in list(LEGS.values())[1:]],
     }
 
+    @property
+    def terminal_bounds(self) -> dict[int, tuple[float, float]]:
+        """Ant-v5 ends an episode when the torso height (state 0) leaves its healthy range, [0.2, 1]."""
+        unwrapped = self.env.unwrapped
+        return {0: tuple(unwrapped._healthy_z_range)} if unwrapped._terminate_when_unhealthy else {}
+
     def _set_sim_state(self, state: np.ndarray) -> None:
         # the x-y position is not part of the state; the reward only uses its change
         qpos = np.concatenate([np.zeros(2), state[:13]])

@@ -73,6 +73,12 @@ class MujocoTeam(ParallelEnv):
     def _set_sim_state(self, state: np.ndarray) -> None:
         raise NotImplementedError
 
+    @property
+    def terminal_bounds(self) -> dict[int, tuple[float, float]]:
+        """The simulator's termination test as ranges of global state components: an episode ends at a
+        state with a component outside its range (or any component not finite). Empty: it never ends."""
+        return {}
+
     def observe(self, states):
         """Per-agent observations of a batch of global states: [..., S] -> [..., N, O]."""
         return gather_observations(states, self.obs_index)

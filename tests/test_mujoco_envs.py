@@ -121,3 +121,21 @@ def test_simulators_step_from_given_states_like_an_episode(task):
     np.testing.assert_allclose(out_states, np.array(next_states)[order], atol=1e-4)
     np.testing.assert_allclose(out_rewards, np.array(rewards)[order], atol=0.05)
     np.testing.assert_array_equal(out_terminals, np.array(terminals)[order])
+
+
+@pytest.mark.parametrize("task", ["reacher", "ant"])
+def test_terminal_bounds_are_the_simulators_termination_test(task):
+    """The ranges `terminal_bounds` gives (MOMA-PPO's --terminal rule) end exactly the steps the simulator
+    ends, here from states whose first component is pushed across Ant's torso-height limits."""
+    env = envs.make(task)
+    env.reset(seed=0)
+    state = env.state()
+    states = np.repeat(state[None], 7, axis=0)
+    states[:, 0] += np.array([-0.6, -0.45, -0.2, 0.0, 0.1, 0.3, 0.5], dtype=np.float32)  # ant: z from 0.15 to 1.25
+    actions = np.zeros((len(states), env.n_agents, env.act_dim), dtype=np.float32)
+    next_states, _, terminals = envs.Simulators(task, count=len(states)).step(states, actions)
+    by_rule = ~np.isfinite(next_states).all(-1)
+    for i, (low, high) in env.terminal_bounds.items():
+        by_rule |= (next_states[:, i] < low) | (next_states[:, i] > high)
+    np.testing.assert_array_equal(by_rule, terminals)
+    assert terminals.any() == (task == "ant") and not terminals.all()
