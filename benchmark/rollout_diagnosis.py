@@ -5,8 +5,9 @@
 From `--starts` dataset states (with their dataset histories under partial observability, as in
 training) the run's greedy agents act for:
 1. `--model-steps` steps in the run's world model and, from the same states, in the simulator:
-   the mean reward per step of each (does the model credit what the simulator pays?);
-2. `--sim-steps` steps in the simulator: the mean reward per step every 10 steps and, on ant, how
+   the mean reward per step of each (does the model credit what the simulator pays?) and the share
+   of rollouts a terminal state ended (does the model end them where the simulator does?);
+2. `--sim-steps` steps in the simulator: the share ended, the mean reward per step every 10 steps and, on ant, how
    far the torso has turned from its start heading (mean |change of yaw|), since ant's reward is
    the velocity along x.
 """
@@ -73,8 +74,9 @@ def main(args: Args) -> None:
     simulators = envs.Simulators(run_args.task, args.starts, seed=args.seed)
 
     @torch.no_grad()
-    def rollout(steps: int, in_model: bool) -> tuple[list[float], list[float]]:
-        """Mean reward per step over the rollouts still alive, and the mean |yaw change| (ant)."""
+    def rollout(steps: int, in_model: bool) -> tuple[list[float], list[float], float]:
+        """Mean reward per step over the rollouts still alive, the mean |yaw change| (ant) and the share
+        of rollouts that a terminal state ended."""
         states, past, alive = start_states.clone(), start_past, torch.ones(args.starts)
         rewards, turns = [], []
         for _ in range(steps):
@@ -93,16 +95,19 @@ def main(args: Args) -> None:
             states = next_states.float()
             if run_args.task == "ant":
                 turns.append(((yaw(states) - yaw(start_states) + np.pi) % (2 * np.pi) - np.pi).abs().mean().item())
-        return rewards, turns
+        return rewards, turns, 1 - alive.mean().item()
 
     print(f"{Path(args.run).name}: {args.starts} starts, greedy agents")
-    model_rewards, _ = rollout(args.model_steps, in_model=True)
-    sim_rewards, _ = rollout(args.model_steps, in_model=False)
+    model_rewards, _, model_ended = rollout(args.model_steps, in_model=True)
+    sim_rewards, _, sim_ended = rollout(args.model_steps, in_model=False)
     print(f"reward per step over {args.model_steps} steps: world model {np.mean(model_rewards):.3f}, simulator {np.mean(sim_rewards):.3f}")
     print("  model:    ", " ".join(f"{r:.3f}" for r in model_rewards))
     print("  simulator:", " ".join(f"{r:.3f}" for r in sim_rewards))
-    long_rewards, turns = rollout(args.sim_steps, in_model=False)
-    print(f"simulator, {args.sim_steps} steps, reward per step from step t (t: mean over the next 10):")
+    print(f"ended by a terminal state within {args.model_steps} steps: world model ({run_args.terminal} terminals) "
+          f"{model_ended:.1%}, simulator {sim_ended:.1%}")
+    long_rewards, turns, long_ended = rollout(args.sim_steps, in_model=False)
+    print(f"simulator, {args.sim_steps} steps ({long_ended:.1%} ended by a terminal state), reward per step from step t "
+          "(t: mean over the next 10):")
     print("  " + " ".join(f"{t}:{np.mean(long_rewards[t:t + 10]):.3f}" for t in range(0, args.sim_steps, 10)))
     if turns:
         print("  mean |yaw change| (rad) after t steps: " + " ".join(f"{t}:{turns[t - 1]:.2f}" for t in range(20, args.sim_steps + 1, 20)))

@@ -212,7 +212,10 @@ def test_rollout_diagnosis_compares_model_and_simulator(small_reacher_dataset, t
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("reward per step over 3 steps: world model ")
     assert len(lines[2].split()) == 1 + 3 and len(lines[3].split()) == 1 + 3  # "model:" / "simulator:" and 3 rewards
-    assert [x.split(":")[0] for x in lines[5].split()] == ["0", "10"]  # 20 steps, a mean every 10
+    assert lines[4].startswith("ended by a terminal state within 3 steps: world model (learned terminals) ")
+    assert lines[4].endswith("simulator 0.0%")  # reacher never ends
+    assert lines[5].startswith("simulator, 20 steps (0.0% ended by a terminal state)")
+    assert [x.split(":")[0] for x in lines[6].split()] == ["0", "10"]  # 20 steps, a mean every 10
 
 
 def test_an_interrupted_grid_run_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
