@@ -301,15 +301,15 @@ class WorldModel(nn.Module):
                 layer.bias = nn.Parameter(layer.bias.data[members].clone())
 
     @torch.no_grad()
-    def step(self, states, actions, generator=None, noise=1.0, terminal_bounds=None):
+    def step(self, states, actions, generator=None, noise=1.0, is_terminal=None):
         """One synthetic step for a batch: states [B, S], encoded joint actions [B, A].
 
         Returns the next state of a uniformly chosen member (a draw from its Gaussian with the standard
         deviation scaled by `noise`, so 0 gives the member's mean), the mean reward, the terminal flag
-        (the members' majority vote, or with `terminal_bounds`, {state index: (low, high)}, whether that
-        next state leaves a range), the epistemic uncertainties eps_r, eps_g and MOPO's aleatoric
-        uncertainty (the largest norm of a member's predicted standard deviation), with the next
-        state and reward clipped to the dataset's bounding box.
+        (the members' majority vote, or `is_terminal` of that next state: the simulator's own test), the
+        epistemic uncertainties eps_r, eps_g and MOPO's aleatoric uncertainty (the largest norm of a
+        member's predicted standard deviation), with the next state and reward clipped to the dataset's
+        bounding box.
         """
         members = self.net[0].weight.shape[0]
         mean, log_std, logit = self(states.expand(members, -1, -1), actions.expand(members, -1, -1))
@@ -326,12 +326,10 @@ class WorldModel(nn.Module):
             sampled = sampled + torch.randn(states.shape, device=states.device, generator=generator) * (
                 noise * log_std[pick, rows, :-1].exp() * self.target_std[:-1]
             )
-        if terminal_bounds is None:
+        if is_terminal is None:
             terminals = (logit > 0).float().mean(0) > 0.5
         else:  # tested before the bounding-box clip, which keeps Ant's torso below 1 (the data's highest: 0.99998)
-            terminals = ~torch.isfinite(sampled).all(-1)
-            for i, (low, high) in terminal_bounds.items():
-                terminals |= (sampled[:, i] < low) | (sampled[:, i] > high)
+            terminals = is_terminal(sampled)
         next_state = torch.minimum(torch.maximum(sampled, self.state_low), self.state_high)
         reward = rewards.mean(0).clamp(self.reward_low, self.reward_high)
         return next_state, reward, terminals, eps_r, eps_g, aleatoric
@@ -800,9 +798,9 @@ def main(args: Args) -> dict:
         raise envs.UserInputError(f"unknown --penalty '{args.penalty}'; choose epistemic or aleatoric")
     if args.terminal not in ("learned", "rule"):
         raise envs.UserInputError(f"unknown --terminal '{args.terminal}'; choose learned or rule")
-    if args.terminal == "rule" and not hasattr(env, "terminal_bounds"):
+    if args.terminal == "rule" and not hasattr(env, "is_terminal"):
         raise envs.UserInputError(f"--terminal rule needs a MuJoCo task (reacher, ant), not {args.task}")
-    terminal_bounds = env.terminal_bounds if args.terminal == "rule" else None
+    is_terminal = env.is_terminal if args.terminal == "rule" else None
     if not 0 <= args.episode_start_fraction <= 1:
         raise envs.UserInputError(f"--episode-start-fraction {args.episode_start_fraction} is not in [0, 1]")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__moma_ppo__{args.seed}__{int(start_time)}"
@@ -867,7 +865,7 @@ def main(args: Args) -> dict:
         model's, or with --ground-truth-model the simulator's (exact: zero uncertainty, no penalty, no time-out)."""
         if not args.ground_truth_model:
             joint = policies.encode(actions.transpose(0, 1))
-            return world_model.step(states, joint, generator, args.state_noise, terminal_bounds)
+            return world_model.step(states, joint, generator, args.state_noise, is_terminal)
         per_agent = actions.transpose(0, 1)
         per_agent = per_agent if env.n_actions is not None else per_agent.clamp(-1, 1)  # as the world model sees them
         next_states, reward, terminal = (

@@ -65,6 +65,7 @@ def main(args: Args) -> None:
     world_model = moma_ppo.load_world_model(checkpoint["world_model"], env.state_dim, n * env.act_dim, torch.device("cpu"))
 
     generator = torch.Generator().manual_seed(args.seed)
+    is_terminal = env.is_terminal if run_args.terminal == "rule" else None  # else the model's learned vote
     starts = torch.randint(len(dataset), (args.starts,), generator=generator)
     start_states = torch.as_tensor(dataset.states)[starts]
     start_past = ()
@@ -84,8 +85,7 @@ def main(args: Args) -> None:
             actions = policies.distribution(policies.features(obs, *past)).mean
             if in_model:
                 joint = policies.encode(actions.transpose(0, 1))
-                bounds = env.terminal_bounds if run_args.terminal == "rule" else None
-                next_states, reward, terminal, *_ = world_model.step(states, joint, generator, run_args.state_noise, bounds)
+                next_states, reward, terminal, *_ = world_model.step(states, joint, generator, run_args.state_noise, is_terminal)
             else:
                 joint = actions.transpose(0, 1).clamp(-1, 1).numpy()
                 next_states, reward, terminal = (torch.as_tensor(x) for x in simulators.step(states.numpy(), joint))

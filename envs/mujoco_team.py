@@ -79,6 +79,13 @@ class MujocoTeam(ParallelEnv):
         state with a component outside its range (or any component not finite). Empty: it never ends."""
         return {}
 
+    def is_terminal(self, states):
+        """Whether the simulator would end an episode at these global states [..., S] (numpy or torch)."""
+        ended = ~(abs(states) < float("inf")).all(-1)  # NaN or infinite
+        for i, (low, high) in self.terminal_bounds.items():
+            ended = ended | (states[..., i] < low) | (states[..., i] > high)
+        return ended
+
     def observe(self, states):
         """Per-agent observations of a batch of global states: [..., S] -> [..., N, O]."""
         return gather_observations(states, self.obs_index)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import envs
 
@@ -125,8 +126,8 @@ def test_simulators_step_from_given_states_like_an_episode(task):
 
 @pytest.mark.parametrize("task", ["reacher", "ant"])
 def test_terminal_bounds_are_the_simulators_termination_test(task):
-    """The ranges `terminal_bounds` gives (MOMA-PPO's --terminal rule) end exactly the steps the simulator
-    ends, here from states whose first component is pushed across Ant's torso-height limits."""
+    """`is_terminal` (MOMA-PPO's --terminal rule) ends exactly the steps the simulator ends, here from
+    states whose first component is pushed across Ant's torso-height limits, for numpy and torch alike."""
     env = envs.make(task)
     env.reset(seed=0)
     state = env.state()
@@ -134,8 +135,8 @@ def test_terminal_bounds_are_the_simulators_termination_test(task):
     states[:, 0] += np.array([-0.6, -0.45, -0.2, 0.0, 0.1, 0.3, 0.5], dtype=np.float32)  # ant: z from 0.15 to 1.25
     actions = np.zeros((len(states), env.n_agents, env.act_dim), dtype=np.float32)
     next_states, _, terminals = envs.Simulators(task, count=len(states)).step(states, actions)
-    by_rule = ~np.isfinite(next_states).all(-1)
-    for i, (low, high) in env.terminal_bounds.items():
-        by_rule |= (next_states[:, i] < low) | (next_states[:, i] > high)
-    np.testing.assert_array_equal(by_rule, terminals)
+    np.testing.assert_array_equal(env.is_terminal(next_states), terminals)
+    np.testing.assert_array_equal(env.is_terminal(torch.as_tensor(next_states)).numpy(), terminals)
     assert terminals.any() == (task == "ant") and not terminals.all()
+    next_states[3, 5] = np.nan
+    assert env.is_terminal(next_states)[3]
