@@ -9,7 +9,12 @@ training) the run's greedy agents act for:
    of rollouts a terminal state ended (does the model end them where the simulator does?);
 2. `--sim-steps` steps in the simulator: the share ended, the mean reward per step every 10 steps and, on ant, how
    far the torso has turned from its start heading (mean |change of yaw|), since ant's reward is
-   the velocity along x.
+   the velocity along x; on reacher, where the fingertip ends and whether the two agents end on the same
+   inverse-kinematics solution (benchmark/episode_stats.py's test of their bend convention).
+
+Under partial observability `--history empty` starts the agents with nothing remembered, as in an
+evaluation episode, and `--history shuffled` with the history of another start state: if the team
+took its convention from the dataset history it starts with, these would change it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import envs  # noqa: E402
 from algos import moma_ppo  # noqa: E402
+from benchmark.episode_stats import convention_report  # noqa: E402
 
 
 @dataclass
@@ -41,6 +47,9 @@ class Args:
     """steps of the long simulator rollouts"""
     seed: int = 0
     """seed of the start states and of the world model's sampling"""
+    history: str = "dataset"
+    """with memory, what the agents remember at the start: dataset (their start state's history, as in
+    training), empty (nothing, as at an evaluation episode's start) or shuffled (another start state's)"""
     threads: int | None = 1
     """torch CPU threads (None: torch's choice)"""
 
@@ -52,6 +61,8 @@ def yaw(states: torch.Tensor) -> torch.Tensor:
 
 
 def main(args: Args) -> None:
+    if args.history not in ("dataset", "empty", "shuffled"):
+        raise envs.UserInputError(f"unknown --history '{args.history}'; choose dataset, empty or shuffled")
     if args.threads:
         torch.set_num_threads(args.threads)
     run_args, _, checkpoint = data.resume(moma_ppo.Args(resume=args.run))
@@ -62,7 +73,9 @@ def main(args: Args) -> None:
     n, o = env.n_agents, env.obs_dim
     policies = moma_ppo.GaussianPolicies(env, run_args.hidden, np.zeros((n, o)), np.ones((n, o)), run_args.memory, run_args.memory_dim, run_args.log_std_init)
     policies.load_state_dict(checkpoint["policies"])  # the normalisation statistics come with the weights
-    world_model = moma_ppo.load_world_model(checkpoint["world_model"], env.state_dim, n * env.act_dim, torch.device("cpu"))
+    world_model = None  # a run trained in the real simulator (--ground-truth-model) has none to compare
+    if not run_args.ground_truth_model:
+        world_model = moma_ppo.load_world_model(checkpoint["world_model"], env.state_dim, n * env.act_dim, torch.device("cpu"))
 
     generator = torch.Generator().manual_seed(args.seed)
     is_terminal = env.is_terminal if run_args.terminal == "rule" else None  # else the model's learned vote
@@ -72,12 +85,17 @@ def main(args: Args) -> None:
     if run_args.memory:
         rows, mask = data.history_index(torch.as_tensor(dataset.episode_first())[starts], starts, run_args.memory)
         start_past = tuple(torch.as_tensor(x).transpose(0, 1)[:, rows] for x in (dataset.observations, dataset.actions)) + (mask,)
+        if args.history == "empty":
+            start_past = (*start_past[:2], torch.zeros_like(mask))
+        elif args.history == "shuffled":
+            other = torch.randperm(args.starts, generator=generator)
+            start_past = (start_past[0][:, other], start_past[1][:, other], mask[other])
     simulators = envs.Simulators(run_args.task, args.starts, seed=args.seed)
 
     @torch.no_grad()
-    def rollout(steps: int, in_model: bool) -> tuple[list[float], list[float], float]:
-        """Mean reward per step over the rollouts still alive, the mean |yaw change| (ant) and the share
-        of rollouts that a terminal state ended."""
+    def rollout(steps: int, in_model: bool) -> tuple[list[float], list[float], float, torch.Tensor]:
+        """Mean reward per step over the rollouts still alive, the mean |yaw change| (ant), the share
+        of rollouts that a terminal state ended and the final states."""
         states, past, alive = start_states.clone(), start_past, torch.ones(args.starts)
         rewards, turns = [], []
         for _ in range(steps):
@@ -95,22 +113,33 @@ def main(args: Args) -> None:
             states = next_states.float()
             if run_args.task == "ant":
                 turns.append(((yaw(states) - yaw(start_states) + np.pi) % (2 * np.pi) - np.pi).abs().mean().item())
-        return rewards, turns, 1 - alive.mean().item()
+        return rewards, turns, 1 - alive.mean().item(), states
 
     print(f"{Path(args.run).name}: {args.starts} starts, greedy agents")
-    model_rewards, _, model_ended = rollout(args.model_steps, in_model=True)
-    sim_rewards, _, sim_ended = rollout(args.model_steps, in_model=False)
-    print(f"reward per step over {args.model_steps} steps: world model {np.mean(model_rewards):.3f}, simulator {np.mean(sim_rewards):.3f}")
-    print("  model:    ", " ".join(f"{r:.3f}" for r in model_rewards))
-    print("  simulator:", " ".join(f"{r:.3f}" for r in sim_rewards))
-    print(f"ended by a terminal state within {args.model_steps} steps: world model ({run_args.terminal} terminals) "
-          f"{model_ended:.1%}, simulator {sim_ended:.1%}")
-    long_rewards, turns, long_ended = rollout(args.sim_steps, in_model=False)
+    if world_model is None:
+        print("trained in the real simulator (--ground-truth-model): no world model to compare with it")
+    else:
+        model_rewards, _, model_ended, _ = rollout(args.model_steps, in_model=True)
+        sim_rewards, _, sim_ended, _ = rollout(args.model_steps, in_model=False)
+        print(f"reward per step over {args.model_steps} steps: world model {np.mean(model_rewards):.3f}, simulator {np.mean(sim_rewards):.3f}")
+        print("  model:    ", " ".join(f"{r:.3f}" for r in model_rewards))
+        print("  simulator:", " ".join(f"{r:.3f}" for r in sim_rewards))
+        print(f"ended by a terminal state within {args.model_steps} steps: world model ({run_args.terminal} terminals) "
+              f"{model_ended:.1%}, simulator {sim_ended:.1%}")
+    long_rewards, turns, long_ended, final = rollout(args.sim_steps, in_model=False)
     print(f"simulator, {args.sim_steps} steps ({long_ended:.1%} ended by a terminal state), reward per step from step t "
           "(t: mean over the next 10):")
     print("  " + " ".join(f"{t}:{np.mean(long_rewards[t:t + 10]):.3f}" for t in range(0, args.sim_steps, 10)))
     if turns:
         print("  mean |yaw change| (rad) after t steps: " + " ".join(f"{t}:{turns[t - 1]:.2f}" for t in range(20, args.sim_steps + 1, 20)))
+    if run_args.task == "reacher":  # the state: cos q, sin q, target, joint velocities, fingertip - target
+        final, model = final.numpy(), simulators.envs[0].env.unwrapped.model
+        links = tuple(float(np.linalg.norm(model.body(name).pos[:2])) for name in ("body1", "fingertip"))
+        report = convention_report(final[:, 4:6], np.arctan2(final[:, 2:4], final[:, 0:2]), links)
+        distance = np.linalg.norm(final[:, 8:10], axis=1)
+        print(f"  after {args.sim_steps} steps: fingertip {100 * distance.mean():.1f} cm from the target on average "
+              f"(median {100 * np.median(distance):.1f}), the agents nearest the same inverse-kinematics solution in "
+              f"{report['agree'].mean():.0%} of rollouts, the elbow bent + in {np.mean(final[:, 3] > 0):.0%}")
 
 
 if __name__ == "__main__":
