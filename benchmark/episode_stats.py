@@ -70,8 +70,7 @@ class Recorder:
                 self.current["elbow"] = int(np.sign(sim.data.qpos[1]))  # +1 or -1: the bend convention
                 self.current["target"] = sim.get_body_com("target")[:2].copy()  # relative to the shoulder at (0, 0)
                 self.current["joints"] = sim.data.qpos[:2].copy()  # agent 0's shoulder, agent 1's elbow
-                self.current["links"] = (float(np.linalg.norm(sim.model.body("body1").pos[:2])),
-                                         float(np.linalg.norm(sim.model.body("fingertip").pos[:2])))  # fmt: skip
+                self.current["links"] = reacher_links(sim.model)
             self.episodes.append(self.current)
         return out
 
@@ -82,6 +81,11 @@ class Recorder:
 def wrap(angle: np.ndarray) -> np.ndarray:
     """Angles to [-pi, pi)."""
     return (angle + np.pi) % (2 * np.pi) - np.pi
+
+
+def reacher_links(model) -> tuple[float, float]:
+    """The lengths of Reacher's two links (shoulder to elbow, elbow to fingertip) from its MuJoCo model."""
+    return tuple(float(np.linalg.norm(model.body(name).pos[:2])) for name in ("body1", "fingertip"))
 
 
 def reacher_ik(target: np.ndarray, links: tuple[float, float]) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import envs  # noqa: E402
 from algos import moma_ppo  # noqa: E402
-from benchmark.episode_stats import convention_report  # noqa: E402
+from benchmark.episode_stats import convention_report, reacher_links  # noqa: E402
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Args:
     """steps of the long simulator rollouts"""
     seed: int = 0
     """seed of the start states and of the world model's sampling"""
-    history: str = "dataset"
+    history: Literal["dataset", "empty", "shuffled"] = "dataset"
     """with memory, what the agents remember at the start: dataset (their start state's history, as in
     training), empty (nothing, as at an evaluation episode's start) or shuffled (another start state's)"""
     threads: int | None = 1
@@ -61,7 +62,7 @@ def yaw(states: torch.Tensor) -> torch.Tensor:
 
 
 def main(args: Args) -> None:
-    if args.history not in ("dataset", "empty", "shuffled"):
+    if args.history not in ("dataset", "empty", "shuffled"):  # tyro checks the command line; this, Args made in code
         raise envs.UserInputError(f"unknown --history '{args.history}'; choose dataset, empty or shuffled")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,8 +134,7 @@ def main(args: Args) -> None:
     if turns:
         print("  mean |yaw change| (rad) after t steps: " + " ".join(f"{t}:{turns[t - 1]:.2f}" for t in range(20, args.sim_steps + 1, 20)))
     if run_args.task == "reacher":  # the state: cos q, sin q, target, joint velocities, fingertip - target
-        final, model = final.numpy(), simulators.envs[0].env.unwrapped.model
-        links = tuple(float(np.linalg.norm(model.body(name).pos[:2])) for name in ("body1", "fingertip"))
+        final, links = final.numpy(), reacher_links(simulators.envs[0].env.unwrapped.model)
         report = convention_report(final[:, 4:6], np.arctan2(final[:, 2:4], final[:, 0:2]), links)
         distance = np.linalg.norm(final[:, 8:10], axis=1)
         print(f"  after {args.sim_steps} steps: fingertip {100 * distance.mean():.1f} cm from the target on average "
