@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ import data  # noqa: E402
 import envs  # noqa: E402
 from algos import moma_ppo  # noqa: E402
 from benchmark.episode_stats import convention_report, reacher_links  # noqa: E402
+
+History = Literal["dataset", "empty", "shuffled"]
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Args:
     """steps of the long simulator rollouts"""
     seed: int = 0
     """seed of the start states and of the world model's sampling"""
-    history: Literal["dataset", "empty", "shuffled"] = "dataset"
+    history: History = "dataset"
     """with memory, what the agents remember at the start: dataset (their start state's history, as in
     training), empty (nothing, as at an evaluation episode's start) or shuffled (another start state's)"""
     threads: int | None = 1
@@ -62,8 +64,8 @@ def yaw(states: torch.Tensor) -> torch.Tensor:
 
 
 def main(args: Args) -> None:
-    if args.history not in ("dataset", "empty", "shuffled"):  # tyro checks the command line; this, Args made in code
-        raise envs.UserInputError(f"unknown --history '{args.history}'; choose dataset, empty or shuffled")
+    if args.history not in get_args(History):  # tyro checks the command line; this, Args made in code
+        raise envs.UserInputError(f"unknown --history '{args.history}'; choose {', '.join(get_args(History))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     run_args, _, checkpoint = data.resume(moma_ppo.Args(resume=args.run))
