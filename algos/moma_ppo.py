@@ -51,7 +51,8 @@
 # (inf: no adaptive time-out), --rollout-length; not in the paper: --episode-start-fraction (a share
 # of rollouts from episode starts, where a memory begins empty as in evaluation), --state-noise 0
 # (the chosen member's mean next state instead of a draw from its Gaussian; section 3.1 does not say
-# which), --terminal rule (the simulator's termination test instead of the learned one). Long runs
+# which), --terminal rule (the simulator's termination test instead of the learned one), --value-memory
+# (the value's gradient stopped at the policy's memory, or a memory of its own). Long runs
 # save model.pt every --save-every learning steps and on Ctrl-C / SIGTERM; --resume RUN_DIR
 # continues one exactly where it stopped.
 import hashlib
@@ -63,7 +64,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -204,6 +205,10 @@ class Args:
     """width e_h of the memory module's embedding and of its summary"""
     memory_learning_rate: float = 1e-4
     """Adam learning rate of the memory module (the paper's)"""
+    value_memory: Literal["shared", "detached", "separate"] = "shared"
+    """what the value network reads of an agent's past: the policy's memory summary, trained by both losses
+    (shared, the paper's); that summary with the value loss's gradient stopped (detached); or a memory module
+    of its own (separate). No effect without memory"""
     bf16: PerTask[bool] = None
     """run the agents' networks (memory, policies, value) under bfloat16 autocast: 2.5x faster on CPUs with AMX;
     distributions, values and losses stay float32; off, with a note, where the hardware has no native bfloat16
@@ -551,12 +556,14 @@ class CategoricalPolicies(nn.Module):
         self.feature_dim = env.obs_dim + (memory_dim if memory else 0)
         self.net = batched_mlp(env.n_agents, [self.feature_dim, hidden, hidden, n_outputs or env.n_actions], nn.Tanh)
 
-    def features(self, obs, past_obs=None, past_actions=None, mask=None) -> torch.Tensor:
+    def features(self, obs, past_obs=None, past_actions=None, mask=None, memory=None) -> torch.Tensor:
+        """The agents' inputs; `memory` summarises the past instead of the policies' module (the value's own)."""
+        memory = self.memory if memory is None else memory
         x = (obs - self.obs_mean) / self.obs_std
-        if self.memory is None:
+        if memory is None:
             return x
         past = (past_obs - self.obs_mean.unsqueeze(2)) / self.obs_std.unsqueeze(2)
-        return torch.cat([x, self.memory(torch.cat([past, self.token_actions(past_actions)], -1), mask)], -1)
+        return torch.cat([x, memory(torch.cat([past, self.token_actions(past_actions)], -1), mask)], -1)
 
     def token_actions(self, actions: torch.Tensor) -> torch.Tensor:
         return F.one_hot(actions.long(), self.n_actions).float()
@@ -624,10 +631,12 @@ class GaussianPolicies(CategoricalPolicies):
 
 class MixedValue(nn.Module):
     """Centralised value with QMIX-style decomposition: V(s) = sum_i w_i(s) V_i(h_i) + b(s), w_i >= 0,
-    where h_i are the agent's features (its observation and memory summary, shared with the policy)."""
+    where h_i are the agent's features (its observation and memory summary, by default the policy's;
+    with --value-memory separate, `memory` is the value's own module)."""
 
-    def __init__(self, n_agents, feature_dim, state_dim, hidden, state_mean, state_std):
+    def __init__(self, n_agents, feature_dim, state_dim, hidden, state_mean, state_std, memory=None):
         super().__init__()
+        self.memory = memory
         self.register_buffer("state_mean", torch.as_tensor(state_mean, dtype=torch.float32))
         self.register_buffer("state_std", torch.as_tensor(state_std, dtype=torch.float32))
         self.agent_values = batched_mlp(n_agents, [feature_dim, hidden, hidden, 1], nn.Tanh)
@@ -638,6 +647,18 @@ class MixedValue(nn.Module):
         values = self.agent_values(features).squeeze(-1).float()  # [N, B], float32 even under bfloat16 autocast
         mix = self.mixer((states - self.state_mean) / self.state_std).float()  # [B, N + 1]
         return (mix[:, :-1].abs() * values.T).sum(-1) + mix[:, -1]
+
+
+def value_features(policies, value, mode: str, obs, past: tuple, features=None) -> torch.Tensor:
+    """The value network's inputs for observations `obs` and their `past`, given (where already computed) the
+    policies' `features` of the same: --value-memory shared, detached or separate (see Args)."""
+    if value.memory is not None:
+        return policies.features(obs, *past, memory=value.memory)
+    features = policies.features(obs, *past) if features is None else features
+    if mode == "detached" and policies.memory is not None:  # the summary follows the observation
+        obs_dim = obs.shape[-1]
+        return torch.cat([features[..., :obs_dim], features[..., obs_dim:].detach()], -1)
+    return features
 
 
 def uncertainty_penalty(eps_r, eps_g, aleatoric, args) -> torch.Tensor:
@@ -825,19 +846,25 @@ def main(args: Args) -> dict:
         policies = CategoricalPolicies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim).to(device)
     else:
         policies = GaussianPolicies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim, args.log_std_init).to(device)
-    if args.memory and args.compile:  # fuses the attention's elementwise work
-        data.compile_in_place(policies.memory, device=device)
+    value_memory = None
+    if args.memory and args.value_memory == "separate":
+        value_memory = Memory(env.n_agents, env.obs_dim + (env.n_actions or env.act_dim), args.memory, args.memory_dim)
+    value = MixedValue(env.n_agents, policies.feature_dim, env.state_dim, args.hidden, state_mean, state_std, value_memory)
+    value = value.to(device)
+    memories = [module for module in (policies.memory, value.memory) if module is not None]
+    if args.compile:  # fuses the attention's elementwise work
+        for module in memories:
+            data.compile_in_place(module, device=device)
     action_dims = 1 if env.n_actions is not None else env.act_dim
-    value = MixedValue(env.n_agents, policies.feature_dim, env.state_dim, args.hidden, state_mean, state_std).to(device)
     if args.ground_truth_model:
         world_model, wm_path = envs.Simulators(args.task, args.rollout_batch, seed=args.seed), "ground truth"
         print("rollouts through the real simulator (--ground-truth-model)", flush=True)
     else:
         wm_path = Path(args.world_model) if args.world_model else cached_world_model_path(args, dataset)
         world_model = get_world_model(args, wm_path, dataset, env, policies.encode, device, writer)
-    groups = [{"params": [*policies.net.parameters(), *value.parameters()]}]
-    if args.memory:  # shared by the policies and the value network, with its own learning rate
-        groups.append({"params": policies.memory.parameters(), "lr": args.memory_learning_rate})
+    groups = [{"params": [*policies.net.parameters(), *value.agent_values.parameters(), *value.mixer.parameters()]}]
+    if memories:  # with their own learning rate
+        groups.append({"params": [p for module in memories for p in module.parameters()], "lr": args.memory_learning_rate})
     optimizer = torch.optim.Adam(groups, lr=args.learning_rate)
     base_learning_rates = [group["lr"] for group in optimizer.param_groups]
     entropy_alpha = torch.zeros(env.n_agents, action_dims, device=device)  # per agent and action dimension
@@ -926,8 +953,9 @@ def main(args: Args) -> dict:
                 next_obs = env.observe(rollout["next_states"]).permute(2, 0, 1, 3).flatten(1, 2)
                 flat_states = rollout["states"].flatten(0, 1)
                 with amp():
-                    values = value(policies.features(obs, *past), flat_states).view(k, b)
-                    next_values = value(policies.features(next_obs, *next_past), rollout["next_states"].flatten(0, 1)).view(k, b)
+                    values = value(value_features(policies, value, args.value_memory, obs, past), flat_states).view(k, b)
+                    next_features = value_features(policies, value, args.value_memory, next_obs, next_past)
+                    next_values = value(next_features, rollout["next_states"].flatten(0, 1)).view(k, b)
                 values, next_values = values.clamp(value_low, value_high), next_values.clamp(value_low, value_high)
                 returns, advantages = timeout_aware_gae(
                     rollout["rewards"], values, next_values, rollout["masks"], rollout["timeout_masks"], args.gamma, args.gae_lambda
@@ -941,10 +969,12 @@ def main(args: Args) -> dict:
             for _ in range(args.epochs):
                 for idx in torch.randperm(k * b, device=device, generator=generator).split(args.minibatch_size):
                     actions = flat_actions[:, idx]
+                    mb_obs, mb_past = obs[:, idx], tuple(x[idx] if x.dim() == 2 else x[:, idx] for x in past)
                     with amp():
-                        features = policies.features(obs[:, idx], *(x[idx] if x.dim() == 2 else x[:, idx] for x in past))
+                        features = policies.features(mb_obs, *mb_past)
                         log_probs = policies.log_prob_dims(policies.distribution(features), actions)  # [N, mb, D]
-                        predicted_values = value(features, flat_states[idx])
+                        mb_value_features = value_features(policies, value, args.value_memory, mb_obs, mb_past, features)
+                        predicted_values = value(mb_value_features, flat_states[idx])
                     ratio = (log_probs - flat_log_probs[:, idx]).sum(-1).exp()  # one ratio per agent: [N, mb]
                     clipped_ratio = ratio.clamp(1 - args.clip, 1 + args.clip)
                     adv = flat_advantages[idx]

@@ -220,8 +220,10 @@ def test_episode_start_fraction_draws_that_share_of_rollouts_from_episode_starts
     assert (moma_ppo.draw_start_rows(1_000, 50_000, first_rows, 1.0, None) % 50 == 0).all()
 
 
-def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path):
-    """Under PO the policies read a memory summary; the value network reads the same features."""
+@pytest.mark.parametrize("value_memory", ["shared", "separate"])
+def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path, value_memory):
+    """Under PO the policies read a memory summary; the value network reads the same features
+    (with --value-memory separate, from a memory of its own, trained at the memory's rate)."""
     from data import mujoco_datasets
 
     path = tmp_path / "tiny.npz"
@@ -229,7 +231,7 @@ def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path):
     args = moma_ppo.Args(
         task="reacher", obs="independent", dataset=str(path), total_steps=2, wm_max_steps=20, wm_eval_every=10,
         rollout_batch=8, minibatch_size=40, hidden=16, wm_hidden=16, wm_layers=1, memory_dim=8, eval_episodes=1,
-        runs_dir=str(tmp_path / "runs"), compile=False,
+        runs_dir=str(tmp_path / "runs"), compile=False, value_memory=value_memory,
     )  # fmt: skip
     moma_ppo.main(args)
     (run_dir,) = (tmp_path / "runs").glob("*__*")
@@ -237,8 +239,37 @@ def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path):
     assert checkpoint["args"]["memory"] == 10
     assert checkpoint["policies"]["memory.soft_query"].shape == (2, 8, 1)
     assert checkpoint["value"]["agent_values.0.weight"].shape == (2, 5 + 8, 16)  # observation + memory summary
-    lrs = sorted(group["lr"] for group in checkpoint["optimizer"]["param_groups"])
-    assert lrs == sorted([moma_ppo.TASK_DEFAULTS["reacher"]["learning_rate"], args.memory_learning_rate])
+    assert ("memory.soft_query" in checkpoint["value"]) == (value_memory == "separate")
+    groups = checkpoint["optimizer"]["param_groups"]
+    assert sorted(group["lr"] for group in groups) == sorted([moma_ppo.TASK_DEFAULTS["reacher"]["learning_rate"], args.memory_learning_rate])
+    memory_group = min(groups, key=lambda group: group["lr"])  # the memory learns at 1e-4, the rest at 3e-4
+    assert len(memory_group["params"]) == 8 * (2 if value_memory == "separate" else 1)  # embed, qkv, norm, soft: 2 each
+
+
+@pytest.mark.parametrize("mode", ["shared", "detached", "separate"])
+def test_value_memory_routes_the_value_loss_gradient(mode):
+    """--value-memory: the value loss trains the policies' memory only when shared; separate reads its own."""
+    torch.manual_seed(0)
+    env = envs.make("reacher", "independent")
+    n, o, k, b = env.n_agents, env.obs_dim, 4, 6
+    policies = moma_ppo.GaussianPolicies(env, 16, np.zeros((n, o)), np.ones((n, o)), memory=k, memory_dim=8)
+    own = moma_ppo.Memory(n, o + env.act_dim, k, 8) if mode == "separate" else None
+    value = moma_ppo.MixedValue(n, policies.feature_dim, env.state_dim, 16, np.zeros(env.state_dim), np.ones(env.state_dim), own)
+    obs, states = torch.randn(n, b, o), torch.randn(b, env.state_dim)
+    past = (torch.randn(n, b, k, o), torch.randn(n, b, k, env.act_dim), torch.ones(b, k, dtype=torch.bool))
+    features = policies.features(obs, *past)
+    value_features = moma_ppo.value_features(policies, value, mode, obs, past, features)
+    torch.testing.assert_close(value_features[..., :o], features[..., :o])  # the observation part is the same
+    assert torch.equal(value_features, features) == (mode != "separate")  # the summary too, unless the value's own
+    value(value_features, states).square().sum().backward()
+    policy_memory_grad = policies.memory.soft_query.grad
+    assert (policy_memory_grad is not None and policy_memory_grad.abs().sum() > 0) == (mode == "shared")
+    assert value.agent_values[0].weight.grad.abs().sum() > 0
+    if mode == "separate":
+        assert value.memory.soft_query.grad.abs().sum() > 0
+    # without memory every mode is the plain observation features
+    plain = moma_ppo.GaussianPolicies(env, 16, np.zeros((n, o)), np.ones((n, o)))
+    torch.testing.assert_close(moma_ppo.value_features(plain, moma_ppo.MixedValue(n, o, env.state_dim, 16, np.zeros(env.state_dim), np.ones(env.state_dim)), mode, obs, ()), plain.features(obs))
 
 
 def test_memory_projects_the_embedded_tokens():
