@@ -552,7 +552,8 @@ class CategoricalPolicies(nn.Module):
         self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32).unsqueeze(1))  # [N, 1, O]
         self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32).unsqueeze(1))
         # tokens: an observation and the action taken (one-hot for categorical actions)
-        self.memory = Memory(env.n_agents, env.obs_dim + (env.n_actions or env.act_dim), memory, memory_dim) if memory else None
+        self.token_dim = env.obs_dim + (env.n_actions or env.act_dim)
+        self.memory = Memory(env.n_agents, self.token_dim, memory, memory_dim) if memory else None
         self.feature_dim = env.obs_dim + (memory_dim if memory else 0)
         self.net = batched_mlp(env.n_agents, [self.feature_dim, hidden, hidden, n_outputs or env.n_actions], nn.Tanh)
 
@@ -848,7 +849,7 @@ def main(args: Args) -> dict:
         policies = GaussianPolicies(env, args.hidden, obs_mean, obs_std, args.memory, args.memory_dim, args.log_std_init).to(device)
     value_memory = None
     if args.memory and args.value_memory == "separate":
-        value_memory = Memory(env.n_agents, env.obs_dim + (env.n_actions or env.act_dim), args.memory, args.memory_dim)
+        value_memory = Memory(env.n_agents, policies.token_dim, args.memory, args.memory_dim)
     value = MixedValue(env.n_agents, policies.feature_dim, env.state_dim, args.hidden, state_mean, state_std, value_memory)
     value = value.to(device)
     memories = [module for module in (policies.memory, value.memory) if module is not None]
