@@ -52,7 +52,8 @@
 # of rollouts from episode starts, where a memory begins empty as in evaluation), --state-noise 0
 # (the chosen member's mean next state instead of a draw from its Gaussian; section 3.1 does not say
 # which), --terminal rule (the simulator's termination test instead of the learned one), --value-memory
-# (the value's gradient stopped at the policy's memory, or a memory of its own). Long runs
+# (the value's gradient stopped at the policy's memory, or a memory of its own), --input-init split (the
+# first layer's observation and memory-summary weights each initialised for their own fan-in). Long runs
 # save model.pt every --save-every learning steps and on Ctrl-C / SIGTERM; --resume RUN_DIR
 # continues one exactly where it stopped.
 import hashlib
@@ -209,6 +210,11 @@ class Args:
     """what the value network reads of an agent's past: the policy's memory summary, trained by both losses
     (shared, the paper's); that summary with the value loss's gradient stopped (detached); or a memory module
     of its own (separate). No effect without memory"""
+    input_init: Literal["joint", "split"] = "joint"
+    """how the first layer of the policy and value networks starts: joint (nn.Linear's default, one bound
+    for all its inputs, so the memory's e_h-wide summary shrinks the observation's weights: 5x on reacher
+    independent) or split (the observation's and the summary's weights each drawn for their own fan-in;
+    not in the paper). No effect without memory"""
     bf16: PerTask[bool] = None
     """run the agents' networks (memory, policies, value) under bfloat16 autocast: 2.5x faster on CPUs with AMX;
     distributions, values and losses stay float32; off, with a note, where the hardware has no native bfloat16
@@ -662,6 +668,15 @@ def value_features(policies, value, mode: str, obs, past: tuple, features=None) 
     return features
 
 
+def split_input_init(layer: BatchedLinear, obs_dim: int) -> None:
+    """Redraw a first layer's weights so that the observation's rows and the memory summary's rows each get
+    nn.Linear's bound for their own fan-in (--input-init split), as if each fed a layer of its own."""
+    with torch.no_grad():
+        for rows in (layer.weight[:, :obs_dim], layer.weight[:, obs_dim:]):
+            bound = 1 / math.sqrt(rows.shape[1])
+            rows.uniform_(-bound, bound)
+
+
 def uncertainty_penalty(eps_r, eps_g, aleatoric, args) -> torch.Tensor:
     """The reward penalty of section 3.2, lambda_r min(eps_r, l_eps) + lambda_g min(eps_g, l_eps), or with
     --penalty aleatoric MOPO's lambda_g max_m ||sigma_m(s, a)|| (the ablation of section 6.3)."""
@@ -852,6 +867,9 @@ def main(args: Args) -> dict:
         value_memory = Memory(env.n_agents, policies.token_dim, args.memory, args.memory_dim)
     value = MixedValue(env.n_agents, policies.feature_dim, env.state_dim, args.hidden, state_mean, state_std, value_memory)
     value = value.to(device)
+    if args.memory and args.input_init == "split":
+        for layer in (policies.net[0], value.agent_values[0]):
+            split_input_init(layer, env.obs_dim)
     memories = [module for module in (policies.memory, value.memory) if module is not None]
     if args.compile:  # fuses the attention's elementwise work
         for module in memories:

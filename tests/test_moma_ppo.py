@@ -220,10 +220,11 @@ def test_episode_start_fraction_draws_that_share_of_rollouts_from_episode_starts
     assert (moma_ppo.draw_start_rows(1_000, 50_000, first_rows, 1.0, None) % 50 == 0).all()
 
 
-@pytest.mark.parametrize("value_memory", ["shared", "separate"])
-def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path, value_memory):
+@pytest.mark.parametrize("value_memory, input_init", [("shared", "joint"), ("separate", "split")])
+def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path, value_memory, input_init):
     """Under PO the policies read a memory summary; the value network reads the same features
-    (with --value-memory separate, from a memory of its own, trained at the memory's rate)."""
+    (with --value-memory separate, from a memory of its own, trained at the memory's rate).
+    --input-init split starts the observation's first-layer weights beyond the joint bound."""
     from data import mujoco_datasets
 
     path = tmp_path / "tiny.npz"
@@ -231,7 +232,7 @@ def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path, valu
     args = moma_ppo.Args(
         task="reacher", obs="independent", dataset=str(path), total_steps=2, wm_max_steps=20, wm_eval_every=10,
         rollout_batch=8, minibatch_size=40, hidden=16, wm_hidden=16, wm_layers=1, memory_dim=8, eval_episodes=1,
-        runs_dir=str(tmp_path / "runs"), compile=False, value_memory=value_memory,
+        runs_dir=str(tmp_path / "runs"), compile=False, value_memory=value_memory, input_init=input_init,
     )  # fmt: skip
     moma_ppo.main(args)
     (run_dir,) = (tmp_path / "runs").glob("*__*")
@@ -240,6 +241,9 @@ def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path, valu
     assert checkpoint["policies"]["memory.soft_query"].shape == (2, 8, 1)
     assert checkpoint["value"]["agent_values.0.weight"].shape == (2, 5 + 8, 16)  # observation + memory summary
     assert ("memory.soft_query" in checkpoint["value"]) == (value_memory == "separate")
+    joint_bound = 1 / math.sqrt(5 + 8)  # two learning steps move a weight by far less than the margin
+    for weight in (checkpoint["policies"]["net.0.weight"], checkpoint["value"]["agent_values.0.weight"]):
+        assert (weight[:, :5].abs().max() > joint_bound + 0.05) == (input_init == "split")
     groups = checkpoint["optimizer"]["param_groups"]
     assert sorted(group["lr"] for group in groups) == sorted([moma_ppo.TASK_DEFAULTS["reacher"]["learning_rate"], args.memory_learning_rate])
     memory_group = min(groups, key=lambda group: group["lr"])  # the memory learns at 1e-4, the rest at 3e-4
@@ -270,6 +274,19 @@ def test_value_memory_routes_the_value_loss_gradient(mode):
     # without memory every mode is the plain observation features
     plain = moma_ppo.GaussianPolicies(env, 16, np.zeros((n, o)), np.ones((n, o)))
     torch.testing.assert_close(moma_ppo.value_features(plain, moma_ppo.MixedValue(n, o, env.state_dim, 16, np.zeros(env.state_dim), np.ones(env.state_dim)), mode, obs, ()), plain.features(obs))
+
+
+def test_split_input_init_bounds_each_input_group_by_its_own_fan_in():
+    """--input-init split: the observation's rows start as they would without memory, the summary's rows
+    as a layer of their own; nn.Linear's joint bound is 1/sqrt(obs + summary) for both."""
+    torch.manual_seed(0)
+    layer = moma_ppo.BatchedLinear(2, 5 + 128, 256)
+    joint = layer.weight.detach().clone()
+    moma_ppo.split_input_init(layer, obs_dim=5)
+    for rows, fan_in in ((layer.weight[:, :5], 5), (layer.weight[:, 5:], 128)):
+        bound = 1 / math.sqrt(fan_in)
+        assert rows.abs().max() <= bound and rows.abs().max() > 0.95 * bound  # uniform up to the bound
+    assert joint.abs().max() <= 1 / math.sqrt(133) < layer.weight[:, :5].abs().max() / 4  # 5x smaller before
 
 
 def test_memory_projects_the_embedded_tokens():
