@@ -36,8 +36,9 @@
 #   last 10 (observation, action) pairs (appendix A); rollout histories start with the
 #   dataset's history of the start state and grow with the generated steps. On reacher the
 #   summary is 16 wide instead of e_h = 128. With 128 next to 5 observation inputs per agent, the
-#   PO teams scored 0.76 (independent) and 0.76 (leader-only), below the 0.87 of agents without
-#   memory; with 16, 0.86 and 0.81 (3 seeds each, benchmark/NOTES.md). Ant keeps 128 (untested).
+#   PO teams scored 0.76 (independent) and 0.71-0.76 (leader-only, two world models), below the
+#   0.83-0.87 of agents without memory; with 16, 0.86 and 0.81 (3 seeds each, benchmark/NOTES.md).
+#   Ant keeps 128 (untested).
 # - Continuous actions: Gaussian policies, action-bound penalty, per-dimension entropy
 #   temperatures. MAPPO learns at 3e-4 for 1,500 learning steps on reacher and at 1e-4 for 3,000
 #   on ant (the paper: 5e-5 for 1e5), which takes minutes instead of hours or days on a CPU.
@@ -216,8 +217,8 @@ class Args:
     input_init: Literal["joint", "split"] = "joint"
     """how the first layer of the policy and value networks starts: joint (nn.Linear's default, one bound
     for all its inputs, so the memory's e_h-wide summary shrinks the observation's weights: 5x at e_h 128
-    on reacher independent) or split (the observation's and the summary's weights each drawn for their own fan-in;
-    not in the paper). No effect without memory"""
+    on reacher independent) or split (the observation's and the summary's weights each drawn for their own
+    fan-in; not in the paper). No effect without memory"""
     bf16: PerTask[bool] = None
     """run the agents' networks (memory, policies, value) under bfloat16 autocast: 2.5x faster on CPUs with AMX;
     distributions, values and losses stay float32; off, with a note, where the hardware has no native bfloat16
