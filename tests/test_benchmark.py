@@ -1,4 +1,4 @@
-"""The benchmark tools: the grid's worker, recording runs made outside the grid (--add), the world-model sweep, the rollout diagnosis, the episode statistics."""
+"""The benchmark tools: the grid's worker, recording runs made outside the grid (--add), the world-model sweep, the rollout diagnosis, the off-data comparison, the episode statistics."""
 
 import csv
 import importlib.util
@@ -223,6 +223,33 @@ def test_rollout_diagnosis_compares_model_and_simulator(small_reacher_dataset, t
     assert empty[0] == lines[0] and empty[2] != lines[2]
     with pytest.raises(diagnosis.envs.UserInputError, match="--history"):
         diagnosis.main(diagnosis.Args(run=str(run_dir), history="none"))
+
+
+def test_offdata_rollouts_stay_in_one_episode_and_every_model_sees_the_same_actions(small_reacher_dataset, tmp_path, capsys):
+    import numpy as np
+    from algos import moma_ppo
+
+    offdata = load_benchmark("wm_offdata")
+    # 3 episodes of 50 steps: a 10-step window from t stays in t's episode only for t % 50 <= 40
+    episode_starts = np.arange(150) % 50 == 0
+    timeouts = np.arange(150) % 50 == 49
+    fake = type("D", (), dict(episode_starts=episode_starts, timeouts=timeouts, terminals=np.zeros(150, bool), __len__=lambda self: 150))()
+    starts = offdata.rollout_starts(fake, 10, 120, np.random.default_rng(0))
+    assert len(set(starts)) == 120 and all(t % 50 <= 40 for t in starts)
+    with pytest.raises(offdata.envs.UserInputError, match="steps left in their episode"):
+        offdata.rollout_starts(fake, 10, 124, np.random.default_rng(0))
+
+    moma_ppo.main(moma_ppo.Args(task="reacher", obs="all-observant", dataset=small_reacher_dataset, total_steps=1, wm_max_steps=50,
+                                wm_eval_every=25, rollout_batch=20, minibatch_size=100, eval_episodes=1, runs_dir=str(tmp_path)))  # fmt: skip
+    (model,) = (tmp_path / "world_models").glob("*.pt")
+    out = tmp_path / "offdata.csv"
+    offdata.main(offdata.Args(world_models=[str(model), str(model)], dataset=small_reacher_dataset, starts=20, horizon=4,
+                              sigmas=[0.0, 1.0], csv=str(out)))  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["sigma"], r["step"]) for r in rows] == [(s, t) for s in ("0.0", "1.0") for t in ("1", "2", "4")] * 2
+    assert rows[:6] == rows[6:]  # the same noise draws for each model
+    assert all(int(r["alive"]) == 20 and float(r["state_error"]) > 0 and float(r["eps_g"]) >= 0 for r in rows)  # reacher never ends
+    assert "sigma 1: step 1: state " in capsys.readouterr().out
 
 
 def test_an_interrupted_grid_run_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
