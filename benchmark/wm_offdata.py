@@ -113,7 +113,7 @@ def main(args: Args) -> None:
                     state_error = float(np.sqrt(((gap / state_std) ** 2).mean()))
                     # reacher's state ends with the fingertip-to-target vector (envs/reacher.py)
                     tip = float(np.linalg.norm(gap[:, 8:10], axis=1).mean() * 100) if args.task == "reacher" else float("nan")
-                    rows.append(dict(task=args.task, dataset=args.dataset, world_model=Path(path).name, wm_steps=info.get("steps", ""),
+                    rows.append(dict(task=args.task, dataset=Path(args.dataset).stem, world_model=Path(path).name, wm_steps=info.get("steps", ""),
                                      holdout_mse_elites=f"{holdout:.3e}", sigma=sigma, step=step, state_error=f"{state_error:.4f}",
                                      reward_error=f"{np.mean(reward_errors):.5f}", eps_g=f"{np.mean(eps_g):.3e}", tip_error_cm=f"{tip:.3f}", alive=int(alive.sum())))  # fmt: skip
                     line.append(f"step {step}: state {state_error:.3f}" + (f", tip {tip:.2f} cm" if args.task == "reacher" else ""))
