@@ -10,8 +10,10 @@ standard deviation sigma for each of `--sigmas` (clipped to [-1, 1]), are played
 and in the simulator from the same states. Printed for each model and sigma: the state error after
 1, horizon / 2 and horizon steps (root mean square over dimensions, in units of the dataset's
 standard deviation of each), the mean absolute reward error over the rollouts and the mean epistemic
-uncertainty eps_g (section 3.1, what MOMA-PPO's penalty charges: does it grow where the error does?); on reacher also
-how far apart the two predicted fingertip-to-target vectors are, in centimetres. Rollouts that the
+uncertainty eps_g (section 3.1, what MOMA-PPO's penalty charges: does it grow where the error does?), the share
+of rollouts that the members' terminal vote would have ended by then (on data without terminals, such as
+reacher's, an invented end); on reacher also how far apart the two predicted fingertip-to-target vectors are,
+in centimetres. Rollouts that the
 simulator ends with a terminal state are left out from that step on. One row per model, sigma
 and step goes to `--csv` (default benchmark/results/wm_offdata.csv).
 """
@@ -34,7 +36,7 @@ import envs  # noqa: E402
 from algos import moma_ppo  # noqa: E402
 
 FIELDS = ["task", "dataset", "world_model", "wm_steps", "holdout_mse_elites", "sigma", "step", "state_error",
-          "reward_error", "eps_g", "tip_error_cm", "alive"]  # fmt: skip
+          "reward_error", "eps_g", "vote_ended", "tip_error_cm", "alive"]  # fmt: skip
 
 
 @dataclass
@@ -98,11 +100,13 @@ def main(args: Args) -> None:
             generator = torch.Generator().manual_seed(args.seed)
             sim_states, model_states = dataset.states[starts], torch.as_tensor(dataset.states[starts])
             alive, reward_errors, eps_g, line = np.ones(args.starts, dtype=bool), [], [], []
+            voted = np.zeros(args.starts, dtype=bool)
             for step in range(1, args.horizon + 1):
                 joint = np.clip(actions[starts + step - 1] + sigma * unit_noise[step - 1], -1, 1)
                 with torch.no_grad():
                     encoded = torch.as_tensor(joint.reshape(args.starts, -1))  # as the agents' encode: clipped, flattened
-                    model_next, model_reward, _, _, step_eps_g, _ = model.step(model_states, encoded, generator, noise=0.0)
+                    model_next, model_reward, vote, _, step_eps_g, _ = model.step(model_states, encoded, generator, noise=0.0)
+                voted |= vote.numpy()
                 sim_next, sim_reward, sim_terminal = simulators.step(sim_states, joint)
                 reward_errors.append(np.abs(model_reward.numpy() - sim_reward)[alive].mean())
                 eps_g.append(step_eps_g.numpy()[alive].mean())
@@ -115,9 +119,10 @@ def main(args: Args) -> None:
                     tip = float(np.linalg.norm(gap[:, 8:10], axis=1).mean() * 100) if args.task == "reacher" else float("nan")
                     rows.append(dict(task=args.task, dataset=Path(args.dataset).stem, world_model=Path(path).name, wm_steps=info.get("steps", ""),
                                      holdout_mse_elites=f"{holdout:.3e}", sigma=sigma, step=step, state_error=f"{state_error:.4f}",
-                                     reward_error=f"{np.mean(reward_errors):.5f}", eps_g=f"{np.mean(eps_g):.3e}", tip_error_cm=f"{tip:.3f}", alive=int(alive.sum())))  # fmt: skip
+                                     reward_error=f"{np.mean(reward_errors):.5f}", eps_g=f"{np.mean(eps_g):.3e}", vote_ended=f"{voted.mean():.4f}", tip_error_cm=f"{tip:.3f}", alive=int(alive.sum())))  # fmt: skip
                     line.append(f"step {step}: state {state_error:.3f}" + (f", tip {tip:.2f} cm" if args.task == "reacher" else ""))
-            print(f"  sigma {sigma:g}: " + "; ".join(line) + f"; reward error {np.mean(reward_errors):.4f}, eps_g {np.mean(eps_g):.2e}", flush=True)
+            print(f"  sigma {sigma:g}: " + "; ".join(line) + f"; reward error {np.mean(reward_errors):.4f}, eps_g {np.mean(eps_g):.2e}, "
+                  f"vote ended {voted.mean():.1%}", flush=True)
     if args.csv:
         out = Path(args.csv)
         new = not out.exists()

@@ -212,7 +212,8 @@ def test_rollout_diagnosis_compares_model_and_simulator(small_reacher_dataset, t
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("reward per step over 3 steps: world model ")
     assert len(lines[2].split()) == 1 + 3 and len(lines[3].split()) == 1 + 3  # "model:" / "simulator:" and 3 rewards
-    assert lines[4].startswith("ended by a terminal state within 3 steps: world model (learned terminals) ")
+    # reacher's data hold no terminal: training ends no rollout on one, the vote's share is reported beside
+    assert lines[4].startswith("ended by a terminal state within 3 steps: world model 0.0% (terminals: none in the dataset; ")
     assert lines[4].endswith("simulator 0.0%")  # reacher never ends
     assert lines[5].startswith("simulator, 20 steps (0.0% ended by a terminal state)")
     assert [x.split(":")[0] for x in lines[6].split()] == ["0", "10"]  # 20 steps, a mean every 10
@@ -249,6 +250,8 @@ def test_offdata_rollouts_stay_in_one_episode_and_every_model_sees_the_same_acti
     assert [(r["sigma"], r["step"]) for r in rows] == [(s, t) for s in ("0.0", "1.0") for t in ("1", "2", "4")] * 2
     assert rows[:6] == rows[6:]  # the same noise draws for each model
     assert all(int(r["alive"]) == 20 and float(r["state_error"]) > 0 and float(r["eps_g"]) >= 0 for r in rows)  # reacher never ends
+    votes = [[float(r["vote_ended"]) for r in rows[i : i + 3]] for i in range(0, 12, 3)]  # a share that only grows
+    assert all(0 <= v[0] <= v[1] <= v[2] <= 1 for v in votes)
     assert "sigma 1: step 1: state " in capsys.readouterr().out
 
 
