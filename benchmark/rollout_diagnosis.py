@@ -81,7 +81,7 @@ def main(args: Args) -> None:
         world_model = moma_ppo.load_world_model(checkpoint["world_model"], env.state_dim, n * env.act_dim, torch.device("cpu"))
 
     generator = torch.Generator().manual_seed(args.seed)
-    is_terminal = env.is_terminal if run_args.terminal == "rule" else None  # else the model's learned vote
+    is_terminal = moma_ppo.terminal_test(run_args.terminal, env, dataset.terminals)  # as training ends rollouts
     starts = torch.randint(len(dataset), (args.starts,), generator=generator)
     start_states = torch.as_tensor(dataset.states)[starts]
     start_past = ()
@@ -96,16 +96,21 @@ def main(args: Args) -> None:
     simulators = envs.Simulators(run_args.task, args.starts, seed=args.seed)
 
     @torch.no_grad()
-    def rollout(steps: int, in_model: bool) -> tuple[list[float], list[float], float, torch.Tensor]:
+    def rollout(steps: int, in_model: bool) -> tuple[list[float], list[float], float, float, torch.Tensor]:
         """Mean reward per step over the rollouts still alive, the mean |yaw change| (ant), the share
-        of rollouts that a terminal state ended and the final states."""
+        of rollouts that a terminal state ended, the share the members' vote would have ended (in the
+        model; what ends them where the run's test is another) and the final states."""
         states, past, alive = start_states.clone(), start_past, torch.ones(args.starts)
+        voted = torch.zeros(args.starts, dtype=torch.bool)
         rewards, turns = [], []
         for _ in range(steps):
             obs = env.observe(states).transpose(0, 1)  # [N, B, O]
             actions = policies.distribution(policies.features(obs, *past)).mean
             if in_model:
                 joint = policies.encode(actions.transpose(0, 1))
+                members = world_model.net[0].weight.shape[0]
+                logit = world_model(states.expand(members, -1, -1), joint.expand(members, -1, -1))[2]
+                voted |= ((logit > 0).float().mean(0) > 0.5) & (alive > 0)
                 next_states, reward, terminal, *_ = world_model.step(states, joint, generator, run_args.state_noise, is_terminal)
             else:
                 joint = actions.transpose(0, 1).clamp(-1, 1).numpy()
@@ -116,20 +121,21 @@ def main(args: Args) -> None:
             states = next_states.float()
             if run_args.task == "ant":
                 turns.append(((yaw(states) - yaw(start_states) + np.pi) % (2 * np.pi) - np.pi).abs().mean().item())
-        return rewards, turns, 1 - alive.mean().item(), states
+        return rewards, turns, 1 - alive.mean().item(), voted.float().mean().item(), states
 
     print(f"{Path(args.run).name}: {args.starts} starts, greedy agents")
     if world_model is None:
         print("trained in the real simulator (--ground-truth-model): no world model to compare with it")
     else:
-        model_rewards, _, model_ended, _ = rollout(args.model_steps, in_model=True)
-        sim_rewards, _, sim_ended, _ = rollout(args.model_steps, in_model=False)
+        model_rewards, _, model_ended, model_voted, _ = rollout(args.model_steps, in_model=True)
+        sim_rewards, _, sim_ended, _, _ = rollout(args.model_steps, in_model=False)
         print(f"reward per step over {args.model_steps} steps: world model {np.mean(model_rewards):.3f}, simulator {np.mean(sim_rewards):.3f}")
         print("  model:    ", " ".join(f"{r:.3f}" for r in model_rewards))
         print("  simulator:", " ".join(f"{r:.3f}" for r in sim_rewards))
-        print(f"ended by a terminal state within {args.model_steps} steps: world model ({run_args.terminal} terminals) "
-              f"{model_ended:.1%}, simulator {sim_ended:.1%}")
-    long_rewards, turns, long_ended, final = rollout(args.sim_steps, in_model=False)
+        test = "vote" if is_terminal is None else "none in the dataset" if run_args.terminal == "learned" else "rule"
+        print(f"ended by a terminal state within {args.model_steps} steps: world model {model_ended:.1%} (terminals: {test}; "
+              f"the members' vote would end {model_voted:.1%}), simulator {sim_ended:.1%}")
+    long_rewards, turns, long_ended, _, final = rollout(args.sim_steps, in_model=False)
     print(f"simulator, {args.sim_steps} steps ({long_ended:.1%} ended by a terminal state), reward per step from step t "
           "(t: mean over the next 10):")
     print("  " + " ".join(f"{t}:{np.mean(long_rewards[t:t + 10]):.3f}" for t in range(0, args.sim_steps, 10)))

@@ -135,6 +135,22 @@ def test_rule_terminal_tests_the_sampled_next_state_before_the_clip(monkeypatch)
         moma_ppo.main(moma_ppo.Args(terminal="rule", **TINY_COORDINATION))
 
 
+def test_learned_terminals_end_nothing_where_the_dataset_has_none(monkeypatch):
+    """--terminal learned: the members' vote decides, unless the dataset holds no terminal transition (reacher's),
+    where the heads could only invent terminals off the data; rule is the simulator's test either way."""
+    model = _tiny_model()
+    B = 4
+    outputs = (torch.zeros(5, B, 3), torch.full((5, B, 3), -30.0), torch.ones(5, B))  # every head votes terminal
+    monkeypatch.setattr(model, "forward", lambda s, a: outputs)
+    states, actions = torch.zeros(B, 2), torch.zeros(B, 1)
+    reacher = envs.make("reacher", "independent")
+    with_terminals, without = np.array([0.0, 1.0, 0.0]), np.zeros(3)
+    assert moma_ppo.terminal_test("learned", reacher, with_terminals) is None
+    assert model.step(states, actions, is_terminal=moma_ppo.terminal_test("learned", reacher, with_terminals))[2].all()
+    assert not model.step(states, actions, is_terminal=moma_ppo.terminal_test("learned", reacher, without))[2].any()
+    assert moma_ppo.terminal_test("rule", reacher, with_terminals) == reacher.is_terminal
+
+
 def test_aleatoric_uncertainty_is_the_largest_member_std_norm(monkeypatch):
     model = _tiny_model()
     # member m predicts a standard deviation of (m + 1) / 10 in each of the 3 outputs
