@@ -41,8 +41,8 @@
 #   dataset's history of the start state and grow with the generated steps. On reacher the
 #   summary is 16 wide instead of e_h = 128. With 128 next to 5 observation inputs per agent, the
 #   PO teams scored 0.76 (independent) and 0.71-0.76 (leader-only, two world models), below the
-#   0.83-0.87 of agents without memory; with 16, 0.81-0.88 over 1,500-4,500 steps (3 seeds each,
-#   benchmark/NOTES.md). Ant keeps 128: at 16, one ant-medium PO seed scored 0.24 against 0.30.
+#   0.83-0.87 of agents without memory; with 16, 0.81-0.88 over 1,500-4,500 steps with the terminal
+#   vote and 0.90-0.92 after 3,000 without it (3 seeds each, benchmark/NOTES.md). Ant keeps 128: at 16, one ant-medium PO seed scored 0.24 against 0.30.
 # - Continuous actions: Gaussian policies, action-bound penalty, per-dimension entropy
 #   temperatures. MAPPO learns at 3e-4 for 1,500 learning steps on reacher and at 1e-4 for 3,000
 #   on ant (the paper: 5e-5 for 1e5), which takes minutes instead of hours or days on a CPU.
