@@ -19,7 +19,7 @@
 # - Where the dataset holds no terminal transition (reacher's), no synthetic step is terminal. The
 #   Bernoulli heads, trained on none, still voted terminal off the data, and with reacher's negative
 #   rewards an invented end pays: teams learned to steer there (in a longer-trained model the vote ended
-#   18-25% of trained teams' greedy 10-step rollouts; without it seed 0 scored 0.85, not 0.56; NOTES.md).
+#   18-25% of trained teams' greedy 10-step rollouts; without it they scored 0.84, not 0.64; NOTES.md).
 # - Rollout slots that end (terminal or time-out) restart at once from a fresh dataset
 #   state, so every PPO batch holds exactly rollout_batch x rollout_length transitions.
 # - Advantages are normalised per batch (as MAPPO does); the paper does not say.
@@ -42,7 +42,8 @@
 #   summary is 16 wide instead of e_h = 128. With 128 next to 5 observation inputs per agent, the
 #   PO teams scored 0.76 (independent) and 0.71-0.76 (leader-only, two world models), below the
 #   0.83-0.87 of agents without memory; with 16, 0.81-0.88 over 1,500-4,500 steps with the terminal
-#   vote and 0.90-0.92 after 3,000 without it (3 seeds each, benchmark/NOTES.md). Ant keeps 128: at 16, one ant-medium PO seed scored 0.24 against 0.30.
+#   vote and 0.90-0.92 after 3,000 without it (3 seeds each, benchmark/NOTES.md). Ant keeps 128:
+#   at 16, one ant-medium PO seed scored 0.24 against 0.30.
 # - Continuous actions: Gaussian policies, action-bound penalty, per-dimension entropy
 #   temperatures. MAPPO learns at 3e-4 for 1,500 learning steps on reacher and at 1e-4 for 3,000
 #   on ant (the paper: 5e-5 for 1e5), which takes minutes instead of hours or days on a CPU.
@@ -1046,7 +1047,7 @@ def main(args: Args) -> dict:
             writer.add_scalar("losses/entropy_alpha", entropy_alpha.mean().item(), step)
             writer.add_scalar("charts/synthetic_reward", rollout["rewards"].mean().item(), step)
             writer.add_scalar("charts/timeout_rate", 1 - rollout["timeout_masks"][:-1].mean().item(), step)
-            writer.add_scalar("charts/terminal_rate", 1 - rollout["masks"].mean().item(), step)  # share of steps ending an episode
+            writer.add_scalar("charts/terminal_rate", 1 - rollout["masks"].mean().item(), step)  # episodes ended
             progress(step, synthetic_reward=rollout["rewards"].mean(), timeout_rate=1 - rollout["timeout_masks"][:-1].mean())
             if step == start_step + 1 < args.total_steps:
                 timed_from, ppo_start = step, time.time()
