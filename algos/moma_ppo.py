@@ -329,6 +329,12 @@ class WorldModel(nn.Module):
                 layer.bias = nn.Parameter(layer.bias.data[members].clone())
 
     @torch.no_grad()
+    def terminal_vote(self, states, actions) -> torch.Tensor:
+        """The members' majority vote on whether (state, joint action) [B, S], [B, A] ends the episode: [B]."""
+        members = self.net[0].weight.shape[0]
+        logit = self(states.expand(members, -1, -1), actions.expand(members, -1, -1))[2]
+        return majority(logit)
+
     def step(self, states, actions, generator=None, noise=1.0, is_terminal=None):
         """One synthetic step for a batch: states [B, S], encoded joint actions [B, A].
 
@@ -355,12 +361,17 @@ class WorldModel(nn.Module):
                 noise * log_std[pick, rows, :-1].exp() * self.target_std[:-1]
             )
         if is_terminal is None:
-            terminals = (logit > 0).float().mean(0) > 0.5
+            terminals = majority(logit)
         else:  # tested before the bounding-box clip, which keeps Ant's torso below 1 (the data's highest: 0.99998)
             terminals = is_terminal(sampled)
         next_state = torch.minimum(torch.maximum(sampled, self.state_low), self.state_high)
         reward = rewards.mean(0).clamp(self.reward_low, self.reward_high)
         return next_state, reward, terminals, eps_r, eps_g, aleatoric
+
+
+def majority(logit: torch.Tensor) -> torch.Tensor:
+    """Terminal logits [E, B] -> whether more than half of the members say terminal [B]."""
+    return (logit > 0).float().mean(0) > 0.5
 
 
 def epistemic_uncertainty(next_states: torch.Tensor, rewards: torch.Tensor):

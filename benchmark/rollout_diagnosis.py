@@ -108,9 +108,7 @@ def main(args: Args) -> None:
             actions = policies.distribution(policies.features(obs, *past)).mean
             if in_model:
                 joint = policies.encode(actions.transpose(0, 1))
-                members = world_model.net[0].weight.shape[0]
-                logit = world_model(states.expand(members, -1, -1), joint.expand(members, -1, -1))[2]
-                voted |= ((logit > 0).float().mean(0) > 0.5) & (alive > 0)
+                voted |= world_model.terminal_vote(states, joint) & (alive > 0)
                 next_states, reward, terminal, *_ = world_model.step(states, joint, generator, run_args.state_noise, is_terminal)
             else:
                 joint = actions.transpose(0, 1).clamp(-1, 1).numpy()
