@@ -335,6 +335,7 @@ class WorldModel(nn.Module):
         logit = self(states.expand(members, -1, -1), actions.expand(members, -1, -1))[2]
         return majority(logit)
 
+    @torch.no_grad()
     def step(self, states, actions, generator=None, noise=1.0, is_terminal=None):
         """One synthetic step for a batch: states [B, S], encoded joint actions [B, A].
 
