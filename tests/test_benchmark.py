@@ -218,10 +218,11 @@ def test_rollout_diagnosis_compares_model_and_simulator(small_reacher_dataset, t
     assert lines[5].startswith("simulator, 20 steps (0.0% ended by a terminal state)")
     assert [x.split(":")[0] for x in lines[6].split()] == ["0", "10"]  # 20 steps, a mean every 10
     assert lines[7].startswith("  after 20 steps: fingertip ") and "inverse-kinematics solution in" in lines[7]
-    # with nothing remembered the agents act differently from the same states (the memory is read)
+    # with nothing remembered the agents act differently from the same states (the memory is read); after
+    # one learning step the difference is small, so compare every rollout figure, not one rounded line
     diagnosis.main(diagnosis.Args(run=str(run_dir), starts=6, model_steps=3, sim_steps=20, history="empty"))
     empty = capsys.readouterr().out.splitlines()
-    assert empty[0] == lines[0] and empty[2] != lines[2]
+    assert empty[0] == lines[0] and empty[2:] != lines[2:]
     with pytest.raises(diagnosis.envs.UserInputError, match="--history"):
         diagnosis.main(diagnosis.Args(run=str(run_dir), history="none"))
 

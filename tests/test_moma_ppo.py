@@ -236,6 +236,14 @@ def test_episode_start_fraction_draws_that_share_of_rollouts_from_episode_starts
     assert (moma_ppo.draw_start_rows(1_000, 50_000, first_rows, 1.0, None) % 50 == 0).all()
 
 
+@pytest.mark.parametrize("task", list(moma_ppo.TASK_DEFAULTS))
+def test_every_task_rolls_out_the_papers_2000_transitions_per_learning_step(task):
+    # appendix A.2: 2,000 transitions between PPO updates; reacher's longer rollouts come with fewer of them
+    defaults = moma_ppo.TASK_DEFAULTS[task]
+    assert defaults["rollout_batch"] * defaults["rollout_length"] == 2000
+    assert 0 <= defaults["episode_start_fraction"] <= 1
+
+
 @pytest.mark.parametrize("value_memory, input_init", [("shared", "joint"), ("separate", "split")])
 def test_partially_observed_run_uses_memory_and_reaches_the_value(tmp_path, value_memory, input_init):
     """Under PO the policies read a memory summary; the value network reads the same features
