@@ -29,7 +29,8 @@
 #   starts the leader-only teams ended 2 cm from the target from the data's states but 5-6 cm from the
 #   rest pose, and the PO teams scored 0.92 (independent) and 0.90 (leader-only) after 3,000 steps; with
 #   these settings 1.00 and 0.94 after 1,500 (all-observant 1.05; 3 seeds each, on another world model,
-#   benchmark/NOTES.md). Ant and the coordination game keep the paper's k = 10, b = 200 and uniform starts.
+#   benchmark/NOTES.md). Ant and the coordination game keep the paper's k = 10, b = 200 and uniform starts
+#   (on ant-medium PO reacher's settings scored no higher: 0.29 and 0.32 after 1,000 steps, seeds 0-1).
 # - Advantages are normalised per batch (as MAPPO does); the paper does not say.
 # - PPO minibatches of 500 transitions (4 per batch of 2,000), not appendix A.2's 256: twice the
 #   gradient steps per batch and no better in the one run we made (reacher independent,
