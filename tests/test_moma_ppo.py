@@ -588,3 +588,31 @@ def test_batched_rollouts_equal_a_step_by_step_reference(tmp_path):
             distances = np.abs(clipped - rollout["next_states"][t, i].double().numpy()).max(1)
             assert distances.min() < 5e-3
     assert early_timeouts and continued  # both branches of the adaptive time-out were exercised
+
+
+@pytest.mark.parametrize("memory", [0, 4])
+def test_separate_gradient_clipping_keeps_the_value_from_shrinking_the_policies_step(memory):
+    """--clip-grad: both modes clip every parameter exactly once; with separate groups a large value gradient
+    leaves the policies' gradient as it was, where joint clipping scales it down with the value's."""
+    torch.manual_seed(0)
+    env = envs.make("reacher", "independent")
+    n, o = env.n_agents, env.obs_dim
+    policies = moma_ppo.GaussianPolicies(env, 16, np.zeros((n, o)), np.ones((n, o)), memory=memory, memory_dim=8)
+    value = moma_ppo.MixedValue(n, policies.feature_dim, env.state_dim, 16, np.zeros(env.state_dim), np.ones(env.state_dim))
+    everything = {id(p) for p in [*policies.parameters(), *value.parameters()]}
+    for mode in ("joint", "separate"):
+        groups = moma_ppo.gradient_clip_groups(policies, value, mode)
+        clipped = [id(p) for group in groups for p in group]
+        assert len(clipped) == len(everything) and set(clipped) == everything
+        assert len(groups) == (1 if mode == "joint" else 2 + (memory > 0))
+        for p in [*policies.parameters(), *value.parameters()]:
+            p.grad = torch.full_like(p, 1e-4)
+        for p in value.parameters():
+            p.grad.fill_(10.0)  # the value's gradient norm far above 1, the policies' below it
+        for group in groups:
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
+        head_grad = policies.net[0].weight.grad
+        if mode == "separate":
+            torch.testing.assert_close(head_grad, torch.full_like(head_grad, 1e-4))
+        else:
+            assert head_grad.abs().max() < 1e-6
