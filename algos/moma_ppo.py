@@ -30,7 +30,8 @@
 #   rest pose, and the PO teams scored 0.92 (independent) and 0.90 (leader-only) after 3,000 steps; with
 #   these settings 1.00 and 0.94 after 1,500 (all-observant 1.05; 3 seeds each, on another world model,
 #   benchmark/NOTES.md). Ant and the coordination game keep the paper's k = 10, b = 200 and uniform starts
-#   (on ant-medium PO reacher's settings scored no higher: 0.29 and 0.32 after 1,000 steps, seeds 0-1).
+#   (on ant-medium PO reacher's settings scored no higher: 0.29 and 0.32 after 1,000 steps, seeds 0-1; nor,
+#   on ant-medium FO, k = 5 with b = 400: 0.93 and 1.02 after 2,000 steps against the table's 0.97 and 1.01).
 # - Advantages are normalised per batch (as MAPPO does); the paper does not say.
 # - The policy and value MLPs use tanh hidden units, as PPO implementations usually do (appendix A.2 says
 #   ReLU for networks unless specified otherwise; the world model and the value's mixer use SiLU and ReLU).
