@@ -713,12 +713,11 @@ def value_features(policies, value, mode: str, obs, past: tuple, features=None) 
     return features
 
 
-def gradient_clip_groups(policies, value, mode: str) -> list[list[nn.Parameter]]:
+def gradient_clip_groups(policies, value, memories: list, mode: str) -> list[list[nn.Parameter]]:
     """The parameter sets whose gradient norms are clipped at 1 (--clip-grad): all of them at once (joint), or the
-    policies' heads, the value (agent values and mixer) and each memory module on their own (separate)."""
+    policies' heads, the value (agent values and mixer) and each of the `memories` modules on their own (separate)."""
     if mode == "joint":
         return [[*policies.parameters(), *value.parameters()]]
-    memories = [module for module in (policies.memory, value.memory) if module is not None]
     heads = [list(policies.net.parameters()), [*value.agent_values.parameters(), *value.mixer.parameters()]]
     return heads + [list(module.parameters()) for module in memories]
 
@@ -952,7 +951,7 @@ def main(args: Args) -> dict:
         groups.append({"params": [p for module in memories for p in module.parameters()], "lr": args.memory_learning_rate})
     optimizer = torch.optim.Adam(groups, lr=args.learning_rate)
     base_learning_rates = [group["lr"] for group in optimizer.param_groups]
-    clip_groups = gradient_clip_groups(policies, value, args.clip_grad)
+    clip_groups = gradient_clip_groups(policies, value, memories, args.clip_grad)
     entropy_alpha = torch.zeros(env.n_agents, action_dims, device=device)  # per agent and action dimension
 
     start_states = torch.as_tensor(dataset.states, device=device)

@@ -601,7 +601,7 @@ def test_separate_gradient_clipping_keeps_the_value_from_shrinking_the_policies_
     value = moma_ppo.MixedValue(n, policies.feature_dim, env.state_dim, 16, np.zeros(env.state_dim), np.ones(env.state_dim))
     everything = {id(p) for p in [*policies.parameters(), *value.parameters()]}
     for mode in ("joint", "separate"):
-        groups = moma_ppo.gradient_clip_groups(policies, value, mode)
+        groups = moma_ppo.gradient_clip_groups(policies, value, [policies.memory] if memory else [], mode)
         clipped = [id(p) for group in groups for p in group]
         assert len(clipped) == len(everything) and set(clipped) == everything
         assert len(groups) == (1 if mode == "joint" else 2 + (memory > 0))
