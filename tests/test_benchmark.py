@@ -245,15 +245,31 @@ def test_offdata_rollouts_stay_in_one_episode_and_every_model_sees_the_same_acti
                                 wm_eval_every=25, rollout_batch=20, minibatch_size=100, eval_episodes=1, runs_dir=str(tmp_path)))  # fmt: skip
     (model,) = (tmp_path / "world_models").glob("*.pt")
     out = tmp_path / "offdata.csv"
+    old_fields = offdata.FIELDS[: offdata.FIELDS.index("return_diff_corr")]  # a file written before those columns
+    out.write_text(",".join(old_fields) + "\n" + ",".join(f"old{i}" for i in range(len(old_fields))) + "\n")
     offdata.main(offdata.Args(world_models=[str(model), str(model)], dataset=small_reacher_dataset, starts=20, horizon=4,
                               sigmas=[0.0, 1.0], csv=str(out)))  # fmt: skip
-    rows = list(csv.DictReader(out.open()))
+    earlier, *rows = list(csv.DictReader(out.open()))
+    assert list(earlier) == offdata.FIELDS and earlier["task"] == "old0" and earlier["return_diff_corr"] == ""
     assert [(r["sigma"], r["step"]) for r in rows] == [(s, t) for s in ("0.0", "1.0") for t in ("1", "2", "4")] * 2
     assert rows[:6] == rows[6:]  # the same noise draws for each model
+    # two draws only where there is noise (the fit itself: test_return_difference_fit)
+    assert all(r["return_diff_corr"] == "nan" for r in rows[:3])
+    assert all(-1 <= float(r["return_diff_corr"]) <= 1 and 0 <= float(r["return_diff_sign"]) <= 1 for r in rows[3:6])
     assert all(int(r["alive"]) == 20 and float(r["state_error"]) > 0 and float(r["eps_g"]) >= 0 for r in rows)  # reacher never ends
     votes = [[float(r["vote_ended"]) for r in rows[i : i + 3]] for i in range(0, 12, 3)]  # a share that only grows
     assert all(0 <= v[0] <= v[1] <= v[2] <= 1 for v in votes)
     assert "sigma 1: step 1: state " in capsys.readouterr().out
+
+
+def test_return_difference_fit():
+    import numpy as np
+
+    offdata = load_benchmark("wm_offdata")
+    sim = np.array([-2.0, -1.0, 0.5, 3.0])
+    assert np.allclose(offdata.return_difference_fit(0.5 * sim + 1.0, sim), (1.0, 0.5, 0.5))  # -1 -> 0.5, -2 -> 0: wrong signs
+    assert np.allclose(offdata.return_difference_fit(-sim, sim), (-1.0, 0.0, -1.0))
+    assert np.isnan(offdata.return_difference_fit(sim, np.zeros(4))).all()
 
 
 def test_an_interrupted_grid_run_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
