@@ -58,9 +58,10 @@ class Args:
 
 
 def yaw(states: torch.Tensor) -> torch.Tensor:
-    """Ant's heading from the torso quaternion (w, x, y, z) at state[1:5]."""
+    """Ant's heading from the torso quaternion (w, x, y, z) at state[1:5], of any norm (Ant-v5's reset noise
+    leaves the episode starts' quaternions unnormalised)."""
     w, x, y, z = states[:, 1], states[:, 2], states[:, 3], states[:, 4]
-    return torch.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+    return torch.atan2(2 * (w * z + x * y), w * w + x * x - y * y - z * z)
 
 
 def main(args: Args) -> None:

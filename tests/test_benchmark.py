@@ -227,6 +227,69 @@ def test_rollout_diagnosis_compares_model_and_simulator(small_reacher_dataset, t
         diagnosis.main(diagnosis.Args(run=str(run_dir), history="none"))
 
 
+
+def test_a_turned_ant_state_has_the_turned_future():
+    """Ant's dynamics do not depend on the heading, so stepping a turned state must give the turned next state;
+    tilted torsos check that the turn is about the world's vertical axis, not the torso's own."""
+    import numpy as np
+    import torch
+    from data import mujoco_datasets
+
+    import envs
+
+    probe = load_benchmark("heading_probe")
+    batch = mujoco_datasets.build("ant", "random", size=40)
+    states = torch.as_tensor(batch["observations"][::4], dtype=torch.float64)
+    states[:, 1:5] /= states[:, 1:5].norm(dim=1, keepdim=True)  # Ant-v5's reset noise leaves episode starts' unnormalised
+    actions = np.random.default_rng(0).uniform(-1, 1, (len(states), 4, 2))
+    roll = np.sin(0.2), np.cos(0.2)  # tilt every torso by 0.4 rad about its own x axis: q (x) (cos, sin, 0, 0)
+    w, x, y, z = (states[:, i].clone() for i in range(1, 5))
+    states[:, 1], states[:, 2] = roll[1] * w - roll[0] * x, roll[1] * x + roll[0] * w
+    states[:, 3], states[:, 4] = roll[1] * y + roll[0] * z, roll[1] * z - roll[0] * y
+    simulators = envs.Simulators("ant", len(states))
+    next_states, _, _ = simulators.step(states.numpy(), actions)
+    for angle in (0.7, -2.0):
+        turned = probe.turn(states, angle)
+        assert torch.allclose(turned[:, 1:5].norm(dim=1), torch.ones(len(states), dtype=torch.float64))
+        heading_change = (probe.yaw(turned) - probe.yaw(states) - angle + np.pi) % (2 * np.pi) - np.pi
+        assert heading_change.abs().max() < 1e-6
+        turned_next, _, _ = simulators.step(turned.numpy(), actions)
+        assert np.allclose(turned_next, probe.turn(torch.as_tensor(next_states), angle).numpy(), atol=1e-5)
+
+
+def test_heading_probe_turns_what_only_the_torso_agent_sees(tmp_path, capsys):
+    import numpy as np
+    import torch
+    from algos import moma_ppo
+    from data import mujoco_datasets
+
+    dataset = tmp_path / "ant-small.npz"
+    np.savez(dataset, **mujoco_datasets.build("ant", "random", size=200))
+    moma_ppo.main(moma_ppo.Args(task="ant", obs="po", dataset=str(dataset), total_steps=1, wm_max_steps=20, wm_eval_every=10,
+                                wm_hidden=16, wm_layers=1, hidden=16, memory_dim=8, rollout_batch=20, minibatch_size=100,
+                                eval_episodes=1, runs_dir=str(tmp_path)))  # fmt: skip
+    (run_dir,) = tmp_path.glob("*__*")
+    probe = load_benchmark("heading_probe")
+    capsys.readouterr()
+    results = probe.main(probe.Args(run=str(run_dir), starts=12, angles=[-0.5, 0.0, 0.5]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("changes against the turn +0.00") and len(lines) == 1 + 3 * (2 + 3)  # 3 bands of 3 turns
+    base = results[0.0]
+    for angle in (-0.5, 0.5):
+        figures = results[angle]
+        heading_change = (figures["heading"] - base["heading"] - angle + np.pi) % (2 * np.pi) - np.pi
+        assert heading_change.abs().max() < 1e-4
+        # under PO only agent 0 sees the torso: the other agents act the same at every heading, agent 0 does not
+        assert torch.equal(figures["action"][1:], base["action"][1:]) and not torch.equal(figures["action"][0], base["action"][0])
+        assert not torch.equal(figures["value"], base["value"]) and not torch.equal(figures["sim"], base["sim"])
+        assert torch.isfinite(figures["model"]).all() and (figures["eps_g"] >= 0).all()
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
+    checkpoint["args"]["task"] = "reacher"
+    torch.save(checkpoint, tmp_path / "reacher.pt")
+    with pytest.raises(probe.envs.UserInputError, match="for ant runs"):
+        probe.main(probe.Args(run=str(tmp_path / "reacher.pt")))
+
+
 def test_offdata_rollouts_stay_in_one_episode_and_every_model_sees_the_same_actions(small_reacher_dataset, tmp_path, capsys):
     import numpy as np
     from algos import moma_ppo
