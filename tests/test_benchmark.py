@@ -227,7 +227,6 @@ def test_rollout_diagnosis_compares_model_and_simulator(small_reacher_dataset, t
         diagnosis.main(diagnosis.Args(run=str(run_dir), history="none"))
 
 
-
 def test_a_turned_ant_state_has_the_turned_future():
     """Ant's dynamics do not depend on the heading, so stepping a turned state must give the turned next state;
     tilted torsos check that the turn is about the world's vertical axis, not the torso's own."""
