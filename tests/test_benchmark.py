@@ -241,10 +241,9 @@ def test_a_turned_ant_state_has_the_turned_future():
     states = torch.as_tensor(batch["observations"][::4], dtype=torch.float64)
     states[:, 1:5] /= states[:, 1:5].norm(dim=1, keepdim=True)  # Ant-v5's reset noise leaves episode starts' unnormalised
     actions = np.random.default_rng(0).uniform(-1, 1, (len(states), 4, 2))
-    roll = np.sin(0.2), np.cos(0.2)  # tilt every torso by 0.4 rad about its own x axis: q (x) (cos, sin, 0, 0)
+    c, s = np.cos(0.2), np.sin(0.2)  # tilt every torso by 0.4 rad about its own x axis: q (x) (c, s, 0, 0)
     w, x, y, z = (states[:, i].clone() for i in range(1, 5))
-    states[:, 1], states[:, 2] = roll[1] * w - roll[0] * x, roll[1] * x + roll[0] * w
-    states[:, 3], states[:, 4] = roll[1] * y + roll[0] * z, roll[1] * z - roll[0] * y
+    states[:, 1], states[:, 2], states[:, 3], states[:, 4] = c * w - s * x, c * x + s * w, c * y + s * z, c * z - s * y
     simulators = envs.Simulators("ant", len(states))
     next_states, _, _ = simulators.step(states.numpy(), actions)
     for angle in (0.7, -2.0):
