@@ -47,19 +47,6 @@ class Args:
     """torch CPU threads (None: torch's choice)"""
 
 
-def turn(states: torch.Tensor, angle: float) -> torch.Tensor:
-    """Ant global states [..., 27] turned by `angle` about the world's vertical axis: the torso quaternion
-    (w, x, y, z) at 1-4 is pre-multiplied by the turn's, the linear velocity (world frame, 13-15) is turned;
-    the angular velocity (16-18) is in the torso's own frame and the joints are relative, so they stay."""
-    c, s = np.cos(angle / 2), np.sin(angle / 2)
-    w, x, y, z = states[..., 1], states[..., 2], states[..., 3], states[..., 4]
-    vx, vy = states[..., 13], states[..., 14]
-    out = states.clone()
-    out[..., 1], out[..., 2], out[..., 3], out[..., 4] = c * w - s * z, c * x - s * y, c * y + s * x, c * z + s * w
-    out[..., 13], out[..., 14] = np.cos(angle) * vx - np.sin(angle) * vy, np.sin(angle) * vx + np.cos(angle) * vy
-    return out
-
-
 @torch.no_grad()
 def main(args: Args) -> dict[float, dict[str, torch.Tensor]]:
     """Prints the probe; returns each turn's per-state figures (for tests)."""
@@ -97,12 +84,12 @@ def main(args: Args) -> dict[float, dict[str, torch.Tensor]]:
 
     results = {}  # angle -> per-state figures
     for angle in args.angles:
-        turned = turn(start_states, angle)
+        turned = env.turn(start_states, angle)
         obs = env.observe(turned).transpose(0, 1)  # [N, B, O]
         past = ()
         if history is not None:
             past_states, past_actions, mask = history
-            past_obs = env.observe(turn(past_states, angle).flatten(0, 1)).unflatten(0, mask.shape).permute(2, 0, 1, 3)
+            past_obs = env.observe(env.turn(past_states, angle).flatten(0, 1)).unflatten(0, mask.shape).permute(2, 0, 1, 3)
             past = (past_obs, past_actions, mask)
         features = policies.features(obs, *past)
         value_features = moma_ppo.value_features(policies, value, run_args.value_memory, obs, past, features)

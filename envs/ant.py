@@ -18,6 +18,8 @@ import numpy as np
 
 from envs.mujoco_team import MujocoTeam
 
+QUATERNION, VELOCITY_XY = [1, 2, 3, 4], [13, 14]  # state components a turn about the vertical axis changes
+
 TORSO = [0, 1, 2, 3, 4, 13, 14, 15, 16, 17, 18]
 LEGS = {  # leg -> (actuators, observed state components)
     "front_left": ([2, 3], [5, 6, 19, 20]),
@@ -43,6 +45,25 @@ class FourAgentAnt(MujocoTeam):
         """Ant-v5 ends an episode when the torso height (state 0) leaves its healthy range, [0.2, 1]."""
         unwrapped = self.env.unwrapped
         return {0: tuple(unwrapped._healthy_z_range)} if unwrapped._terminate_when_unhealthy else {}
+
+    @staticmethod
+    def turn(states, angle):
+        """Global states [..., S] turned by `angle` (rad, a float or [...], counter-clockwise seen from above) about
+        the world's vertical axis, as torch tensors. Ant's dynamics do not depend on the heading, so a turned
+        state has the same future, turned; its reward, the velocity along x, changes. The torso quaternion
+        (w, x, y, z) is pre-multiplied by the turn's and the world-frame linear velocity turned; the angular
+        velocity is in the torso's own frame and the joints are relative, so they stay."""
+        import torch
+
+        angle = torch.as_tensor(angle, dtype=states.dtype, device=states.device)
+        c, s = torch.cos(angle / 2), torch.sin(angle / 2)
+        w, x, y, z = states[..., QUATERNION].unbind(-1)
+        vx, vy = states[..., VELOCITY_XY].unbind(-1)
+        out = states.clone()
+        out[..., QUATERNION] = torch.stack([c * w - s * z, c * x - s * y, c * y + s * x, c * z + s * w], -1)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        out[..., VELOCITY_XY] = torch.stack([cos * vx - sin * vy, sin * vx + cos * vy], -1)
+        return out
 
     def _set_sim_state(self, state: np.ndarray) -> None:
         # the x-y position is not part of the state; the reward only uses its change

@@ -227,34 +227,6 @@ def test_rollout_diagnosis_compares_model_and_simulator(small_reacher_dataset, t
         diagnosis.main(diagnosis.Args(run=str(run_dir), history="none"))
 
 
-def test_a_turned_ant_state_has_the_turned_future():
-    """Ant's dynamics do not depend on the heading, so stepping a turned state must give the turned next state;
-    tilted torsos check that the turn is about the world's vertical axis, not the torso's own."""
-    import numpy as np
-    import torch
-    from data import mujoco_datasets
-
-    import envs
-
-    probe = load_benchmark("heading_probe")
-    batch = mujoco_datasets.build("ant", "random", size=40)
-    states = torch.as_tensor(batch["observations"][::4], dtype=torch.float64)
-    states[:, 1:5] /= states[:, 1:5].norm(dim=1, keepdim=True)  # Ant-v5's reset noise leaves episode starts' unnormalised
-    actions = np.random.default_rng(0).uniform(-1, 1, (len(states), 4, 2))
-    c, s = np.cos(0.2), np.sin(0.2)  # tilt every torso by 0.4 rad about its own x axis: q (x) (c, s, 0, 0)
-    w, x, y, z = (states[:, i].clone() for i in range(1, 5))
-    states[:, 1], states[:, 2], states[:, 3], states[:, 4] = c * w - s * x, c * x + s * w, c * y + s * z, c * z - s * y
-    simulators = envs.Simulators("ant", len(states))
-    next_states, _, _ = simulators.step(states.numpy(), actions)
-    for angle in (0.7, -2.0):
-        turned = probe.turn(states, angle)
-        assert torch.allclose(turned[:, 1:5].norm(dim=1), torch.ones(len(states), dtype=torch.float64))
-        heading_change = (probe.yaw(turned) - probe.yaw(states) - angle + np.pi) % (2 * np.pi) - np.pi
-        assert heading_change.abs().max() < 1e-6
-        turned_next, _, _ = simulators.step(turned.numpy(), actions)
-        assert np.allclose(turned_next, probe.turn(torch.as_tensor(next_states), angle).numpy(), atol=1e-5)
-
-
 def test_heading_probe_turns_what_only_the_torso_agent_sees(tmp_path, capsys):
     import numpy as np
     import torch

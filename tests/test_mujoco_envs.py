@@ -140,3 +140,33 @@ def test_terminal_bounds_are_the_simulators_termination_test(task):
     assert terminals.any() == (task == "ant") and not terminals.all()
     next_states[3, 5] = np.nan
     assert env.is_terminal(next_states)[3]
+
+
+def test_a_turned_ant_state_has_the_turned_future():
+    """Ant's dynamics do not depend on the heading, so stepping a turned state must give the turned next state;
+    tilted torsos check that the turn is about the world's vertical axis, not the torso's own."""
+    from data import mujoco_datasets
+
+    def heading(q):  # yaw of quaternions (w, x, y, z) of any norm
+        w, x, y, z = q.unbind(-1)
+        return torch.atan2(2 * (w * z + x * y), w**2 + x**2 - y**2 - z**2)
+
+    env = envs.make("ant", "po")
+    batch = mujoco_datasets.build("ant", "random", size=40)
+    states = torch.as_tensor(batch["observations"][::4], dtype=torch.float64)
+    states[:, 1:5] /= states[:, 1:5].norm(dim=1, keepdim=True)  # Ant-v5's reset noise leaves episode starts' unnormalised
+    actions = np.random.default_rng(0).uniform(-1, 1, (len(states), 4, 2))
+    c, s = np.cos(0.2), np.sin(0.2)  # tilt every torso by 0.4 rad about its own x axis: q (x) (c, s, 0, 0)
+    w, x, y, z = (states[:, i].clone() for i in range(1, 5))
+    states[:, 1], states[:, 2], states[:, 3], states[:, 4] = c * w - s * x, c * x + s * w, c * y + s * z, c * z - s * y
+    simulators = envs.Simulators("ant", len(states))
+    next_states, _, _ = simulators.step(states.numpy(), actions)
+    for angle in (0.7, -2.0):
+        turned = env.turn(states, angle)
+        assert torch.allclose(turned[:, 1:5].norm(dim=1), torch.ones(len(states), dtype=torch.float64))
+        heading_change = (heading(turned[:, 1:5]) - heading(states[:, 1:5]) - angle + np.pi) % (2 * np.pi) - np.pi
+        assert heading_change.abs().max() < 1e-6
+        turned_next, _, _ = simulators.step(turned.numpy(), actions)
+        assert np.allclose(turned_next, env.turn(torch.as_tensor(next_states), angle).numpy(), atol=1e-5)
+    angles = torch.tensor([0.7, -2.0], dtype=torch.float64)  # one angle per state, broadcast over the state's components
+    assert torch.equal(env.turn(states[:2], angles), torch.stack([env.turn(states[i], angles[i]) for i in range(2)]))
