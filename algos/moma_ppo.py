@@ -70,7 +70,9 @@
 # Ablations: --ground-truth-model (MOMA-PPO-gt, Table 5: rollouts step the real simulator from
 # the same dataset states), --penalty aleatoric (section 6.3), --lambda-r, --lambda-g, --l-eps
 # (inf: no adaptive time-out), --rollout-length; not in the paper: --episode-start-fraction (a share
-# of rollouts from episode starts, where a memory begins empty as in evaluation), --state-noise 0
+# of rollouts from episode starts, where a memory begins empty as in evaluation), --start-turn (ant: start states
+# turned about the vertical axis, which ant's dynamics ignore, so that a PO torso agent meets the headings its
+# team drifts to over hundreds of steps and 10-step windows of the data rarely show), --state-noise 0
 # (the chosen member's mean next state instead of a draw from its Gaussian; section 3.1 does not say
 # which), --terminal rule (the simulator's termination test instead of the learned one), --value-memory
 # (the value's gradient stopped at the policy's memory, or a memory of its own), --input-init split (the
@@ -177,6 +179,9 @@ class Args:
     """fraction of rollouts that start from the first state of a dataset episode (an empty history, as every
     evaluation episode starts) instead of a uniformly drawn state (default: the paper's 0, which draws
     uniformly; 0.25 on reacher)"""
+    start_turn: float = 0.0
+    """turn each rollout's start state and its history about the vertical axis by an angle drawn uniformly from
+    [-start_turn, start_turn] rad (ant only, not in the paper; 0: the dataset's headings)"""
     lambda_r: float = 1.0
     """penalty on the reward uncertainty eps_r"""
     lambda_g: PerTask[float] = None
@@ -908,6 +913,8 @@ def main(args: Args) -> dict:
     is_terminal = terminal_test(args.terminal, env, dataset.terminals)
     if not 0 <= args.episode_start_fraction <= 1:
         raise envs.UserInputError(f"--episode-start-fraction {args.episode_start_fraction} is not in [0, 1]")
+    if args.start_turn and not hasattr(env, "turn"):
+        raise envs.UserInputError(f"--start-turn needs a task whose dynamics ignore the heading (ant), not {args.task}")
     run_name = f"{args.task}-{env.obs_setting}-{Path(args.dataset).stem}__moma_ppo__{args.seed}__{int(start_time)}"
     if checkpoint is None:
         run_dir = data.new_run_dir(args.runs_dir, run_name)
@@ -966,10 +973,17 @@ def main(args: Args) -> dict:
     def sample_starts(n: int) -> tuple[torch.Tensor, tuple]:
         """n dataset states to start rollouts from, and with memory their histories (past obs, actions, mask)."""
         idx = draw_start_rows(n, len(start_states), first_rows, args.episode_start_fraction, generator)
+        states, angle = start_states[idx], None
+        if args.start_turn:  # no extra draws at 0, so that the paper's setting is unchanged
+            angle = args.start_turn * (2 * torch.rand(n, device=device, generator=generator) - 1)
+            states = env.turn(states, angle)
         if not args.memory:
-            return start_states[idx], ()
+            return states, ()
         past, mask = data.history_index(episode_first[idx], idx, args.memory)
-        return start_states[idx], (dataset_obs[:, past], dataset_actions[:, past], mask)
+        past_obs = dataset_obs[:, past]
+        if angle is not None:  # the history turned with its state: [b, K, S] -> [N, b, K, O]
+            past_obs = env.observe(env.turn(start_states[past], angle[:, None])).permute(2, 0, 1, 3)
+        return states, (past_obs, dataset_actions[:, past], mask)
 
     def amp():
         """bfloat16 autocast of the agents' networks (--bf16); their outputs are cast back to float32."""

@@ -370,6 +370,58 @@ TINY_COORDINATION = dict(dataset="unfavorable", wm_max_steps=50, wm_eval_every=2
                          eval_episodes=2)  # fmt: skip
 
 
+def test_start_turn_turns_each_start_state_and_its_history_by_one_angle(tmp_path, monkeypatch):
+    """--start-turn (ant): a rollout starts from a dataset state turned about the vertical axis by an angle within
+    the bound, and the torso agent's history (observations of the states before it) is turned by the same angle."""
+    from data import mujoco_datasets
+
+    def heading(q):  # yaw of quaternions (w, x, y, z) of any norm
+        w, x, y, z = q.unbind(-1)
+        return torch.atan2(2 * (w * z + x * y), w**2 + x**2 - y**2 - z**2)
+
+    path = tmp_path / "tiny.npz"
+    np.savez(path, **mujoco_datasets.build("ant", "random", size=200))
+
+    class Stop(Exception):
+        pass
+
+    captured = {}
+
+    def capture_starts(env, policies, model_step, sample_starts, args):
+        captured["sample_starts"] = sample_starts
+        raise Stop
+
+    monkeypatch.setattr(moma_ppo, "synthetic_rollouts", capture_starts)
+    args = moma_ppo.Args(
+        task="ant", obs="po", dataset=str(path), start_turn=1.0, total_steps=1, wm_max_steps=10, wm_eval_every=10,
+        hidden=16, wm_hidden=16, wm_layers=1, memory_dim=8, eval_episodes=1, runs_dir=str(tmp_path / "runs"), compile=False,
+    )  # fmt: skip
+    with pytest.raises(Stop):
+        moma_ppo.main(args)
+    states, (past_obs, _, mask) = captured["sample_starts"](300)
+    dataset = data.load(envs.make("ant", "po"), str(path))
+    rows_states = torch.as_tensor(dataset.states)
+    # the joint angles (5-12) do not turn: they tell which dataset row each start was drawn from
+    rows = (states[:, None, 5:13] == rows_states[None, :, 5:13]).all(-1).float().argmax(1)
+    assert torch.equal(states[:, 5:13], rows_states[rows, 5:13])
+    angle = (heading(states[:, 1:5]) - heading(rows_states[rows, 1:5]) + math.pi) % (2 * math.pi) - math.pi
+    assert angle.abs().max() <= 1.0 + 1e-5 and angle.min() < -0.8 and angle.max() > 0.8
+    torch.testing.assert_close(states, envs.make("ant", "po").turn(rows_states[rows], angle), atol=1e-5, rtol=0)
+    past_rows, expected_mask = data.history_index(torch.as_tensor(dataset.episode_first())[rows], rows, 10)
+    assert torch.equal(mask, expected_mask) and mask.any()
+    # agent 0 sees the torso: its observed orientation is the dataset's turned by the start's angle
+    past_turn = heading(past_obs[0, :, :, 1:5]) - heading(rows_states[past_rows][..., 1:5]) - angle[:, None]
+    assert ((past_turn[mask] + math.pi) % (2 * math.pi) - math.pi).abs().max() < 1e-4
+    for agent in (1, 2, 3):  # the others see their legs only, which no turn changes
+        assert torch.equal(past_obs[agent][mask], torch.as_tensor(dataset.observations)[past_rows][mask][:, agent])
+
+
+def test_start_turn_is_refused_where_the_heading_matters(tmp_path):
+    args = moma_ppo.Args(total_steps=1, start_turn=0.5, runs_dir=str(tmp_path), **TINY_COORDINATION)
+    with pytest.raises(envs.UserInputError, match="--start-turn"):
+        moma_ppo.main(args)
+
+
 def test_resume_continues_where_it_stopped(tmp_path, capsys):
     """Two steps, then two more after --resume: the same weights as four steps in one go."""
     moma_ppo.main(moma_ppo.Args(total_steps=4, runs_dir=str(tmp_path / "whole"), **TINY_COORDINATION))
