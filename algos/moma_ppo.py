@@ -71,8 +71,8 @@
 # the same dataset states), --penalty aleatoric (section 6.3), --lambda-r, --lambda-g, --l-eps
 # (inf: no adaptive time-out), --rollout-length; not in the paper: --episode-start-fraction (a share
 # of rollouts from episode starts, where a memory begins empty as in evaluation), --start-turn (ant: start states
-# turned about the vertical axis, which ant's dynamics ignore, so that a PO torso agent meets the headings its
-# team drifts to over hundreds of steps and 10-step windows of the data rarely show), --state-noise 0
+# and their histories turned about the vertical axis, which ant's dynamics ignore, so that a PO torso agent
+# practises steering its team back from headings its dataset state was not at), --state-noise 0
 # (the chosen member's mean next state instead of a draw from its Gaussian; section 3.1 does not say
 # which), --terminal rule (the simulator's termination test instead of the learned one), --value-memory
 # (the value's gradient stopped at the policy's memory, or a memory of its own), --input-init split (the
