@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import envs  # noqa: E402
 from algos import moma_ppo  # noqa: E402
-from benchmark.rollout_diagnosis import yaw  # noqa: E402
+from benchmark.rollout_diagnosis import load_agents  # noqa: E402
 
 BANDS = [(-0.9, -0.5), (-0.5, -0.15), (-0.15, 0.15)]  # start headings (rad); ant-medium's median is -0.37
 
@@ -57,20 +57,14 @@ def main(args: Args) -> dict[float, dict[str, torch.Tensor]]:
         raise envs.UserInputError(f"the heading probe is for ant runs, not {run_args.task}")
     env = envs.make(run_args.task, run_args.obs)
     dataset = data.load(env, run_args.dataset)
-    n, o = env.n_agents, env.obs_dim
-    policies = moma_ppo.GaussianPolicies(
-        env, run_args.hidden, np.zeros((n, o)), np.ones((n, o)), run_args.memory, run_args.memory_dim, run_args.log_std_init
-    )
-    policies.load_state_dict(checkpoint["policies"])  # normalisation statistics come with the weights
+    n = env.n_agents
+    policies, world_model = load_agents(run_args, checkpoint, env)
     value_memory = None
     if run_args.memory and run_args.value_memory == "separate":
         value_memory = moma_ppo.Memory(n, policies.token_dim, run_args.memory, run_args.memory_dim)
     zeros = np.zeros(env.state_dim)
     value = moma_ppo.MixedValue(n, policies.feature_dim, env.state_dim, run_args.hidden, zeros, zeros + 1, value_memory)
     value.load_state_dict(checkpoint["value"])
-    world_model = None  # a run trained in the real simulator (--ground-truth-model) has none
-    if not run_args.ground_truth_model:
-        world_model = moma_ppo.load_world_model(checkpoint["world_model"], env.state_dim, n * env.act_dim, "cpu")
 
     generator = torch.Generator().manual_seed(args.seed)
     starts = torch.randint(len(dataset), (args.starts,), generator=generator)
@@ -89,13 +83,13 @@ def main(args: Args) -> dict[float, dict[str, torch.Tensor]]:
         past = ()
         if history is not None:
             past_states, past_actions, mask = history
-            past_obs = env.observe(env.turn(past_states, angle).flatten(0, 1)).unflatten(0, mask.shape).permute(2, 0, 1, 3)
+            past_obs = env.observe(env.turn(past_states, angle)).permute(2, 0, 1, 3)  # [B, K, N, O] -> [N, B, K, O]
             past = (past_obs, past_actions, mask)
         features = policies.features(obs, *past)
         value_features = moma_ppo.value_features(policies, value, run_args.value_memory, obs, past, features)
         _, sim_reward, _ = simulators.step(turned.numpy(), actions.numpy())
         figures = {
-            "heading": yaw(turned),
+            "heading": env.heading(turned),
             "sim": torch.as_tensor(sim_reward, dtype=torch.float32),
             "value": value(value_features, turned),
             "action": policies.greedy(policies.distribution(features)),  # [N, B, A]
@@ -106,7 +100,7 @@ def main(args: Args) -> dict[float, dict[str, torch.Tensor]]:
         results[angle] = figures
 
     reference = min(args.angles, key=abs)  # each turn's value and actions are compared with this one's
-    base, start_heading = results[reference], yaw(start_states)
+    base, start_heading = results[reference], env.heading(start_states)
     print(f"{Path(args.run).name}: {args.starts} dataset states of {run_args.dataset}, {run_args.obs.upper()}, "
           f"step {checkpoint['step']}; changes against the turn {reference:+.2f}")
     for low, high in BANDS:

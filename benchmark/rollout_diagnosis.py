@@ -57,11 +57,16 @@ class Args:
     """torch CPU threads (None: torch's choice)"""
 
 
-def yaw(states: torch.Tensor) -> torch.Tensor:
-    """Ant's heading from the torso quaternion (w, x, y, z) at state[1:5], of any norm (Ant-v5's reset noise
-    leaves the episode starts' quaternions unnormalised)."""
-    w, x, y, z = states[:, 1], states[:, 2], states[:, 3], states[:, 4]
-    return torch.atan2(2 * (w * z + x * y), w * w + x * x - y * y - z * z)
+def load_agents(run_args, checkpoint, env) -> tuple:
+    """A MOMA-PPO run's policies (their normalisation statistics come with the weights) and its world model (None
+    for a run trained in the real simulator, --ground-truth-model), on the CPU."""
+    n, o = env.n_agents, env.obs_dim
+    policies = moma_ppo.GaussianPolicies(env, run_args.hidden, np.zeros((n, o)), np.ones((n, o)), run_args.memory, run_args.memory_dim, run_args.log_std_init)
+    policies.load_state_dict(checkpoint["policies"])
+    world_model = None
+    if not run_args.ground_truth_model:
+        world_model = moma_ppo.load_world_model(checkpoint["world_model"], env.state_dim, n * env.act_dim, torch.device("cpu"))
+    return policies, world_model
 
 
 def main(args: Args) -> None:
@@ -74,12 +79,7 @@ def main(args: Args) -> None:
     if env.n_actions is not None:
         raise envs.UserInputError("the diagnosis is for the MuJoCo tasks (reacher, ant)")
     dataset = data.load(env, run_args.dataset)
-    n, o = env.n_agents, env.obs_dim
-    policies = moma_ppo.GaussianPolicies(env, run_args.hidden, np.zeros((n, o)), np.ones((n, o)), run_args.memory, run_args.memory_dim, run_args.log_std_init)
-    policies.load_state_dict(checkpoint["policies"])  # the normalisation statistics come with the weights
-    world_model = None  # a run trained in the real simulator (--ground-truth-model) has none to compare
-    if not run_args.ground_truth_model:
-        world_model = moma_ppo.load_world_model(checkpoint["world_model"], env.state_dim, n * env.act_dim, torch.device("cpu"))
+    policies, world_model = load_agents(run_args, checkpoint, env)  # no world model to compare: trained in the simulator
 
     generator = torch.Generator().manual_seed(args.seed)
     is_terminal = moma_ppo.terminal_test(run_args.terminal, env, dataset.terminals)  # as training ends rollouts
@@ -119,7 +119,7 @@ def main(args: Args) -> None:
             past = moma_ppo.extend_history(past, obs, actions)
             states = next_states.float()
             if run_args.task == "ant":
-                turns.append(((yaw(states) - yaw(start_states) + np.pi) % (2 * np.pi) - np.pi).abs().mean().item())
+                turns.append(((env.heading(states) - env.heading(start_states) + np.pi) % (2 * np.pi) - np.pi).abs().mean().item())
         return rewards, turns, 1 - alive.mean().item(), voted.float().mean().item(), states
 
     print(f"{Path(args.run).name}: {args.starts} starts, greedy agents")

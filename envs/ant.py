@@ -65,6 +65,15 @@ class FourAgentAnt(MujocoTeam):
         out[..., VELOCITY_XY] = torch.stack([cos * vx - sin * vy, sin * vx + cos * vy], -1)
         return out
 
+    @staticmethod
+    def heading(states):
+        """The torso's heading (yaw, rad) of global states [..., S] (torch), from its quaternion (w, x, y, z) at 1-4
+        of any norm (Ant-v5's reset noise leaves the episode starts' quaternions unnormalised)."""
+        import torch
+
+        w, x, y, z = states[..., QUATERNION].unbind(-1)
+        return torch.atan2(2 * (w * z + x * y), w * w + x * x - y * y - z * z)
+
     def _set_sim_state(self, state: np.ndarray) -> None:
         # the x-y position is not part of the state; the reward only uses its change
         qpos = np.concatenate([np.zeros(2), state[:13]])

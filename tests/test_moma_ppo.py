@@ -375,10 +375,6 @@ def test_start_turn_turns_each_start_state_and_its_history_by_one_angle(tmp_path
     the bound, and the torso agent's history (observations of the states before it) is turned by the same angle."""
     from data import mujoco_datasets
 
-    def heading(q):  # yaw of quaternions (w, x, y, z) of any norm
-        w, x, y, z = q.unbind(-1)
-        return torch.atan2(2 * (w * z + x * y), w**2 + x**2 - y**2 - z**2)
-
     path = tmp_path / "tiny.npz"
     np.savez(path, **mujoco_datasets.build("ant", "random", size=200))
 
@@ -404,13 +400,14 @@ def test_start_turn_turns_each_start_state_and_its_history_by_one_angle(tmp_path
     # the joint angles (5-12) do not turn: they tell which dataset row each start was drawn from
     rows = (states[:, None, 5:13] == rows_states[None, :, 5:13]).all(-1).float().argmax(1)
     assert torch.equal(states[:, 5:13], rows_states[rows, 5:13])
-    angle = (heading(states[:, 1:5]) - heading(rows_states[rows, 1:5]) + math.pi) % (2 * math.pi) - math.pi
+    heading = envs.make("ant", "po").heading
+    angle = (heading(states) - heading(rows_states[rows]) + math.pi) % (2 * math.pi) - math.pi
     assert angle.abs().max() <= 1.0 + 1e-5 and angle.min() < -0.8 and angle.max() > 0.8
     torch.testing.assert_close(states, envs.make("ant", "po").turn(rows_states[rows], angle), atol=1e-5, rtol=0)
     past_rows, expected_mask = data.history_index(torch.as_tensor(dataset.episode_first())[rows], rows, 10)
     assert torch.equal(mask, expected_mask) and mask.any()
     # agent 0 sees the torso: its observed orientation is the dataset's turned by the start's angle
-    past_turn = heading(past_obs[0, :, :, 1:5]) - heading(rows_states[past_rows][..., 1:5]) - angle[:, None]
+    past_turn = heading(past_obs[0]) - heading(rows_states[past_rows]) - angle[:, None]  # agent 0 sees the quaternion at 1-4
     assert ((past_turn[mask] + math.pi) % (2 * math.pi) - math.pi).abs().max() < 1e-4
     for agent in (1, 2, 3):  # the others see their legs only, which no turn changes
         assert torch.equal(past_obs[agent][mask], torch.as_tensor(dataset.observations)[past_rows][mask][:, agent])

@@ -147,10 +147,6 @@ def test_a_turned_ant_state_has_the_turned_future():
     tilted torsos check that the turn is about the world's vertical axis, not the torso's own."""
     from data import mujoco_datasets
 
-    def heading(q):  # yaw of quaternions (w, x, y, z) of any norm
-        w, x, y, z = q.unbind(-1)
-        return torch.atan2(2 * (w * z + x * y), w**2 + x**2 - y**2 - z**2)
-
     env = envs.make("ant", "po")
     batch = mujoco_datasets.build("ant", "random", size=40)
     states = torch.as_tensor(batch["observations"][::4], dtype=torch.float64)
@@ -164,7 +160,7 @@ def test_a_turned_ant_state_has_the_turned_future():
     for angle in (0.7, -2.0):
         turned = env.turn(states, angle)
         assert torch.allclose(turned[:, 1:5].norm(dim=1), torch.ones(len(states), dtype=torch.float64))
-        heading_change = (heading(turned[:, 1:5]) - heading(states[:, 1:5]) - angle + np.pi) % (2 * np.pi) - np.pi
+        heading_change = (env.heading(turned) - env.heading(states) - angle + np.pi) % (2 * np.pi) - np.pi
         assert heading_change.abs().max() < 1e-6
         turned_next, _, _ = simulators.step(turned.numpy(), actions)
         assert np.allclose(turned_next, env.turn(torch.as_tensor(next_states), angle).numpy(), atol=1e-5)
